@@ -1,0 +1,590 @@
+"""COCO-format detection data: a validated dataset, transforms v2, padding collate and a DataModule.
+
+A sample is ``(image, target)``:
+- ``image``: float32 ``[3, H, W]``, ImageNet-normalised, H/W after resize (not padded).
+- ``target``: ``labels`` int64 ``[n]`` (contiguous 0..C-1, category ids sorted ascending),
+  ``boxes`` float32 ``[n, 4]`` cxcywh normalised to the resized, un-padded image,
+  ``image_id`` int (the JSON's image id), ``orig_size`` int64 ``[2]`` = (h, w) from the JSON,
+  ``size`` int64 ``[2]`` = (h, w) after resize.
+
+A batch (``collate_detection``) is ``dict(images [B,3,Hmax,Wmax], pixel_mask bool [B,Hmax,Wmax]
+(True = padding), targets list[dict])``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection, VisionDataset
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# DETR's multi-scale recipe (Carion et al. 2020): shortest side 480..800 step 32, longer side <= 1333.
+DETR_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+DETR_VAL_SCALE = 800
+DETR_MAX_SIZE = 1333
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class DataError(ValueError):
+    """The data on disk is not what the loader needs; the message says which file and how to fix it."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A file or folder the data configuration points to does not exist."""
+
+
+# --------------------------------------------------------------------------------------------
+# JSON loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _unsafe_file_name(file_name: str) -> bool:
+    """True if ``file_name`` is absolute or walks up with ``..`` (on POSIX or Windows rules)."""
+    if not file_name or file_name.startswith(("/", "\\")):
+        return True
+    for pure in (PurePosixPath(file_name), PureWindowsPath(file_name)):
+        if pure.is_absolute() or pure.drive or ".." in pure.parts:
+            return True
+    return False
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def load_coco_json(path: str | Path) -> dict[str, Any]:
+    """Read and validate a COCO detection JSON; return the parsed dict (``annotations`` defaults to []).
+
+    Raises ``DataError`` naming the file (and line/column for malformed JSON, the offending entry
+    otherwise) when the file cannot serve as detection ground truth.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(
+            f"COCO annotation file not found: {path}. Check the data config's root and *_json arguments "
+            "(relative paths are resolved against root)."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}, line {e.lineno}, column {e.colno}). "
+            "Fix the file there or regenerate it."
+        ) from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}). COCO JSON must be UTF-8.") from e
+
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be a JSON object with 'images' and 'categories'.")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: missing or non-list '{key}'; a COCO detection file needs it.")
+    data.setdefault("annotations", [])
+    if not isinstance(data["annotations"], list):
+        raise DataError(f"{path}: 'annotations' must be a list.")
+
+    category_ids: set[int] = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise DataError(
+                f"{path}: categories[{i}] needs an integer 'id' and a string 'name', got {cat!r}."
+            )
+        if cat["id"] in category_ids:
+            raise DataError(f"{path}: category id {cat['id']} appears twice in 'categories'.")
+        category_ids.add(cat["id"])
+    if not category_ids:
+        raise DataError(f"{path}: 'categories' is empty; list the classes (id, name).")
+
+    image_ids: set[int] = set()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            raise DataError(f"{path}: images[{i}] must be an object, got {img!r}.")
+        if not _is_int(img.get("id")):
+            raise DataError(f"{path}: images[{i}] needs an integer 'id', got {img.get('id')!r}.")
+        for key in ("width", "height"):
+            v = img.get(key)
+            if not (
+                isinstance(v, int | float) and not isinstance(v, bool) and v > 0 and float(v).is_integer()
+            ):
+                raise DataError(
+                    f"{path}: images[{i}] (id {img['id']}) needs a positive integer '{key}', got {v!r}."
+                )
+        file_name = img.get("file_name")
+        if not isinstance(file_name, str):
+            raise DataError(f"{path}: images[{i}] (id {img['id']}) needs a string 'file_name'.")
+        if _unsafe_file_name(file_name):
+            raise DataError(
+                f"{path}: images[{i}] (id {img['id']}) file_name {file_name!r} escapes the images folder "
+                "(absolute path or '..'). Use a path relative to the images folder."
+            )
+        if img["id"] in image_ids:
+            raise DataError(f"{path}: image id {img['id']} appears twice in 'images'.")
+        image_ids.add(img["id"])
+
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise DataError(f"{path}: annotations[{i}] must be an object, got {ann!r}.")
+        where = f"{path}: annotations[{i}] (id {ann.get('id')!r})"
+        if ann.get("image_id") not in image_ids:
+            raise DataError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in 'images'.")
+        if ann.get("category_id") not in category_ids:
+            raise DataError(
+                f"{where} has category_id {ann.get('category_id')!r}, which is not in 'categories'."
+            )
+        bbox = ann.get("bbox")
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+            or not all(math.isfinite(v) for v in bbox)
+        ):
+            raise DataError(f"{where} needs 'bbox' = [x, y, w, h] of 4 finite numbers, got {bbox!r}.")
+    return data
+
+
+def coco_from_dict(data: dict[str, Any]) -> COCO:
+    """Build a pycocotools ``COCO`` index from an already parsed dict (no second file read, no prints)."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def sorted_categories(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON's categories sorted by id: position i is contiguous label i."""
+    return sorted(data["categories"], key=lambda c: c["id"])
+
+
+def check_same_categories(
+    reference: list[dict[str, Any]], reference_path: Path, other: list[dict[str, Any]], other_path: Path
+) -> None:
+    """Raise ``DataError`` naming both files unless both define the same (id, name) pairs."""
+    ref = {c["id"]: c["name"] for c in reference}
+    oth = {c["id"]: c["name"] for c in other}
+    if ref == oth:
+        return
+    only_ref = sorted(set(ref.items()) - set(oth.items()))
+    only_oth = sorted(set(oth.items()) - set(ref.items()))
+    raise DataError(
+        f"categories differ between {reference_path} and {other_path}: "
+        f"only in {reference_path.name}: {only_ref[:10]}{' ...' if len(only_ref) > 10 else ''}; "
+        f"only in {other_path.name}: {only_oth[:10]}{' ...' if len(only_oth) > 10 else ''}. "
+        "Both splits must use the same category list so labels mean the same thing."
+    )
+
+
+def check_images_exist(images_dir: Path, data: dict[str, Any], json_path: Path) -> None:
+    """Raise ``MissingDataError`` listing the first few image files the JSON names but the disk lacks."""
+    if not images_dir.is_dir():
+        raise MissingDataError(
+            f"images folder not found: {images_dir} (needed by {json_path}). Check the images_dir argument."
+        )
+    flat = set(os.listdir(images_dir))
+    missing = []
+    for img in data["images"]:
+        name = img["file_name"]
+        present = name in flat if ("/" not in name and "\\" not in name) else (images_dir / name).is_file()
+        if not present:
+            missing.append(name)
+    if missing:
+        raise MissingDataError(
+            f"{len(missing)} image file(s) listed in {json_path} are missing from {images_dir}, "
+            f"e.g. {missing[:5]}. Restore the files or remove their entries from the JSON."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    - 16-bit grayscale (``I;16*``, and ``I`` holding values in 0..65535) is scaled by 255/65535, not
+      clipped (PIL's own ``convert`` would turn most of it white); other ``I``/``F`` data is
+      min-max scaled (``F`` in [0, 1] is scaled by 255).
+    - Images with transparency (RGBA, LA, P with a transparent colour, ...) are composited over white.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(image).astype(np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
+            a = a / 257.0
+        elif mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255.0
+        else:
+            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        gray = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb_image(path: str | Path, expected_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open ``path`` as 8-bit RGB, applying EXIF orientation.
+
+    ``expected_size`` is the JSON's (width, height). If the oriented image does not match it but the
+    stored pixels do, the annotations were made on the un-rotated pixels, so orientation is not
+    applied (with a warning); if neither matches, ``DataError``.
+    """
+    with Image.open(path) as raw:
+        raw.load()
+        oriented = raw
+        if raw.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            oriented = ImageOps.exif_transpose(raw)
+        if expected_size is not None and oriented.size != tuple(expected_size):
+            if raw.size == tuple(expected_size):
+                warnings.warn(
+                    f"{path}: the JSON's width/height match the stored pixels, not the EXIF-oriented "
+                    "image; EXIF orientation is ignored so the boxes stay aligned.",
+                    stacklevel=2,
+                )
+                oriented = raw
+            else:
+                raise DataError(
+                    f"{path}: image is {oriented.size[0]}x{oriented.size[1]} (w x h) but its JSON entry "
+                    f"says {expected_size[0]}x{expected_size[1]}; the boxes would be misplaced. Fix the "
+                    "JSON's width/height or use the original image file."
+                )
+        rgb = to_rgb(oriented)
+        return rgb.copy() if rgb is raw else rgb  # detach from the closed file object
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+
+def make_detection_transforms(
+    train: bool,
+    train_scales: Sequence[int] = tuple(DETR_TRAIN_SCALES),
+    val_scale: int = DETR_VAL_SCALE,
+    max_size: int = DETR_MAX_SIZE,
+    hflip_prob: float = 0.5,
+) -> v2.Transform:
+    """Transforms v2 pipeline on ``(tv_tensors.Image uint8, target with BoundingBoxes)``.
+
+    train: horizontal flip, random shortest side from ``train_scales`` (longer side <= ``max_size``).
+    eval: shortest side ``val_scale`` (longer side <= ``max_size``). Both then clamp boxes to the image,
+    drop degenerate boxes (< 1 px), convert to float in [0, 1] and normalise with ImageNet mean/std.
+    """
+    if train:
+        geometric: list[v2.Transform] = [
+            v2.RandomHorizontalFlip(hflip_prob),
+            v2.RandomShortestSize(min_size=[int(s) for s in train_scales], max_size=int(max_size)),
+        ]
+    elif int(max_size) > int(val_scale):
+        geometric = [v2.Resize(int(val_scale), max_size=int(max_size))]
+    else:  # the cap always binds: the longer side becomes max_size (Resize wants max_size > size)
+        geometric = [v2.Resize(None, max_size=int(max_size))]
+    return v2.Compose(
+        [
+            *geometric,
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+
+
+class CocoDetectionDataset(CocoDetection):
+    """COCO detection JSON + image folder → ``(image [3,H,W] float, target dict)`` (see module doc).
+
+    Args:
+        root: the images folder; ``file_name`` entries are relative to it.
+        ann_file: the COCO JSON (validated with ``load_coco_json`` unless ``coco_json`` is given).
+        transforms: a v2 transform on ``(tv_tensors.Image, target)``; target carries ``boxes`` as
+            ``tv_tensors.BoundingBoxes`` (XYXY, absolute), ``labels`` and ``image_id``. None: no change.
+        coco_json: the already parsed and validated JSON (avoids reading big files twice).
+        category_ids: label i ↔ category_ids[i]; default: the JSON's category ids sorted.
+
+    Crowd annotations (``iscrowd=1``) are left out of the targets (COCO evaluation treats them as
+    ignore regions through the ground-truth JSON).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        ann_file: str | Path,
+        transforms: Callable | None = None,
+        coco_json: dict[str, Any] | None = None,
+        category_ids: Sequence[int] | None = None,
+    ) -> None:
+        # CocoDetection.__init__ would parse the JSON again through pycocotools; build the index here.
+        VisionDataset.__init__(self, root, transforms=transforms)
+        self.ann_file = Path(ann_file)
+        data = coco_json if coco_json is not None else load_coco_json(self.ann_file)
+        self.coco = coco_from_dict(data)
+        self.ids = sorted(self.coco.imgs.keys())
+        if category_ids is None:
+            category_ids = [c["id"] for c in sorted_categories(data)]
+        self.category_ids = [int(c) for c in category_ids]
+        self.cat_id_to_label = {cid: i for i, cid in enumerate(self.category_ids)}
+
+    def _load_image(self, id: int) -> Image.Image:
+        info = self.coco.imgs[id]
+        return load_rgb_image(Path(self.root) / info["file_name"], (info["width"], info["height"]))
+
+    def _load_target(self, id: int) -> list[dict[str, Any]]:
+        return [a for a in self.coco.imgToAnns.get(id, []) if not a.get("iscrowd", 0)]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(self._load_image(image_id)))
+        anns = self._load_target(image_id)
+        canvas = (image.shape[-2], image.shape[-1])
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        target: dict[str, Any] = {
+            "boxes": tv_tensors.BoundingBoxes(
+                box_convert(xywh, "xywh", "xyxy"),
+                format=tv_tensors.BoundingBoxFormat.XYXY,
+                canvas_size=canvas,
+            ),
+            "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+            "image_id": int(image_id),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        image = image.as_subclass(Tensor)
+        if not image.is_floating_point():
+            image = image.float().div_(255.0)
+        h, w = image.shape[-2:]
+        boxes = box_convert(target["boxes"].as_subclass(Tensor).float(), "xyxy", "cxcywh")
+        boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
+        return image, {
+            "labels": target["labels"].to(torch.int64),
+            "boxes": boxes.reshape(-1, 4),
+            "image_id": int(image_id),
+            "orig_size": torch.tensor([info["height"], info["width"]], dtype=torch.int64),
+            "size": torch.tensor([h, w], dtype=torch.int64),
+        }
+
+
+def collate_detection(
+    batch: Sequence[tuple[Tensor, dict[str, Any]]], size_divisibility: int = 32
+) -> dict[str, Any]:
+    """Pad images bottom/right to a common size.
+
+    Returns ``images`` float ``[B, 3, Hmax, Wmax]`` (zeros in the padding), ``pixel_mask`` bool
+    ``[B, Hmax, Wmax]`` (True = padding) and ``targets`` (list of B dicts). Hmax/Wmax are rounded up
+    to a multiple of ``size_divisibility`` (1 or 0: no rounding).
+    """
+    images = [img for img, _ in batch]
+    h_max = max(img.shape[-2] for img in images)
+    w_max = max(img.shape[-1] for img in images)
+    if size_divisibility > 1:
+        h_max = math.ceil(h_max / size_divisibility) * size_divisibility
+        w_max = math.ceil(w_max / size_divisibility) * size_divisibility
+    out = images[0].new_zeros((len(images), images[0].shape[0], h_max, w_max))
+    mask = torch.ones((len(images), h_max, w_max), dtype=torch.bool)
+    for i, img in enumerate(images):
+        h, w = img.shape[-2:]
+        out[i, :, :h, :w] = img
+        mask[i, :h, :w] = False
+    return {"images": out, "pixel_mask": mask, "targets": [t for _, t in batch]}
+
+
+# --------------------------------------------------------------------------------------------
+# DataModule
+# --------------------------------------------------------------------------------------------
+
+
+class CocoDataModule(L.LightningDataModule):
+    """Detection DataModule over a COCO JSON + image folder per split.
+
+    Relative ``images_dir`` / ``*_json`` paths resolve against ``root``; absolute ones are used as is.
+    ``test_json=None`` tests on the validation split. Labels are contiguous 0..C-1 in the train JSON's
+    category-id order (``data_info``); val/test JSONs must define the same categories.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        images_dir: str = "images",
+        train_json: str = "train.json",
+        val_json: str = "val.json",
+        test_json: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        train_scales: Sequence[int] = tuple(DETR_TRAIN_SCALES),
+        val_scale: int = DETR_VAL_SCALE,
+        max_size: int = DETR_MAX_SIZE,
+        size_divisibility: int = 32,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.train_scales = [int(s) for s in train_scales]
+        if not self.train_scales:
+            raise ValueError("train_scales must list at least one shortest-side size")
+        self.val_scale = int(val_scale)
+        self.max_size = int(max_size)
+        self.size_divisibility = int(size_divisibility)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self._images_dir_arg = images_dir
+        self._train_json_arg = train_json
+        self._val_json_arg = val_json
+        self._test_json_arg = test_json
+        self.train_dataset: CocoDetectionDataset | None = None
+        self.val_dataset: CocoDetectionDataset | None = None
+        self.test_dataset: CocoDetectionDataset | None = None
+        self._categories: list[dict[str, Any]] | None = None
+
+    # paths -----------------------------------------------------------------------------------
+    def _resolve(self, p: str) -> Path:
+        path = Path(p)
+        return path if path.is_absolute() else self.root / path
+
+    @property
+    def images_dir(self) -> Path:
+        return self._resolve(self._images_dir_arg)
+
+    @property
+    def train_json(self) -> Path:
+        return self._resolve(self._train_json_arg)
+
+    @property
+    def val_json(self) -> Path:
+        return self._resolve(self._val_json_arg)
+
+    @property
+    def test_json(self) -> Path:
+        return self._resolve(self._test_json_arg) if self._test_json_arg is not None else self.val_json
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise MissingDataError(
+                f"dataset root not found: {self.root}. Set the data config's root to the folder holding "
+                f"'{self._images_dir_arg}' and the JSON files."
+            )
+
+    # categories --------------------------------------------------------------------------------
+    def _reference_categories(self, train_data: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if self._categories is None:
+            self._check_root()
+            data = train_data if train_data is not None else load_coco_json(self.train_json)
+            self._categories = sorted_categories(data)
+        return self._categories
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """``{"num_classes": C, "class_names": [...], "category_ids": [...]}``; label i ↔ category_ids[i].
+
+        Plain Python types only (safe for ``torch.load(weights_only=True)``). Reads the train JSON
+        (not the images) if ``setup`` has not run.
+        """
+        cats = self._reference_categories()
+        return {
+            "num_classes": len(cats),
+            "class_names": [str(c["name"]) for c in cats],
+            "category_ids": [int(c["id"]) for c in cats],
+        }
+
+    def label_to_category_id(self, labels: Tensor) -> Tensor:
+        """Map contiguous labels (any shape, int) back to the JSON's category ids (same shape)."""
+        table = torch.tensor(self.data_info["category_ids"], dtype=torch.int64, device=labels.device)
+        return table[labels.long()]
+
+    # setup -------------------------------------------------------------------------------------
+    def _build(
+        self, json_path: Path, train: bool, train_data: dict[str, Any] | None = None
+    ) -> CocoDetectionDataset:
+        data = train_data if train_data is not None else load_coco_json(json_path)
+        reference = self._reference_categories(train_data)
+        if json_path != self.train_json:
+            check_same_categories(reference, self.train_json, sorted_categories(data), json_path)
+        check_images_exist(self.images_dir, data, json_path)
+        transforms = make_detection_transforms(
+            train, train_scales=self.train_scales, val_scale=self.val_scale, max_size=self.max_size
+        )
+        return CocoDetectionDataset(
+            self.images_dir,
+            json_path,
+            transforms=transforms,
+            coco_json=data,
+            category_ids=[c["id"] for c in reference],
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate and build the datasets ``stage`` needs (fit: train+val, validate: val, test/predict: test)."""
+        self._check_root()
+        if stage in (None, "fit") and self.train_dataset is None:
+            train_data = load_coco_json(self.train_json)
+            self.train_dataset = self._build(self.train_json, train=True, train_data=train_data)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._build(self.val_json, train=False)
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            if self._test_json_arg is None and self.val_dataset is not None:
+                self.test_dataset = self.val_dataset
+            else:
+                self.test_dataset = self._build(self.test_json, train=False)
+
+    # loaders -----------------------------------------------------------------------------------
+    def _loader(self, dataset: CocoDetectionDataset | None, shuffle: bool, name: str) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{name} dataset not built: call setup() with the matching stage first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate_detection, size_divisibility=self.size_divisibility),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True, name="train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False, name="val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False, name="test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False, name="test")

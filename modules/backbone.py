@@ -1,0 +1,151 @@
+"""Image adapter: ResNet trunk -> 1x1 projection -> flattened tokens with 2-D sine positions."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .position import sine_positions_2d
+
+_RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+
+class ConvFrozenBN(nn.Module):
+    """A convolution followed by a frozen BatchNorm, run as one convolution.
+
+    A frozen BatchNorm is an affine map per channel, so it folds into the convolution's weight and
+    bias on every call: the activation map is written once instead of twice. Gradients still reach
+    the convolution's weight; the BatchNorm statistics stay frozen.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.bn.weight * (self.bn.running_var + self.bn.eps).rsqrt()
+        bias = self.bn.bias - self.bn.running_mean * scale
+        w = self.conv.weight * scale[:, None, None, None]
+        c = self.conv
+        return F.conv2d(x, w, bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _fuse_frozen_bn(module: nn.Module) -> None:
+    """Replace every (conv, frozen BN) pair of a torchvision ResNet by a ConvFrozenBN."""
+    for child in module.children():
+        _fuse_frozen_bn(child)
+    pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+    for conv_name, bn_name in pairs:
+        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+            setattr(module, conv_name, ConvFrozenBN(conv, bn))
+            setattr(module, bn_name, nn.Identity())
+    down = getattr(module, "downsample", None)
+    if isinstance(down, nn.Sequential) and len(down) == 2 and isinstance(down[1], FrozenBatchNorm2d):
+        module.downsample = nn.Sequential(ConvFrozenBN(down[0], down[1]))
+
+
+def load_backbone_weights(trunk: nn.Module, path: str) -> None:
+    """Load torchvision ResNet weights from a local file (a state dict, or a dict holding one under
+    ``state_dict``/``model``). The classifier (``fc.*``) is ignored."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"backbone weights file not found: {path!r}. Give a local .pth file (e.g. torchvision's "
+            "resnet50-0676ba61.pth) or set model.pretrained_backbone=null to start from scratch."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise ValueError(f"could not read backbone weights from {path!r}: {e}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = trunk.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(
+            f"backbone weights in {path!r} do not match the trunk (is it the right ResNet depth?): {str(e)[:300]}"
+        ) from e
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"backbone weights in {path!r} do not match the trunk: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (is it the right ResNet depth?)"
+        )
+
+
+class ImageAdapter(nn.Module):
+    """Turns images into encoder tokens.
+
+    Args:
+        backbone: torchvision ResNet name (resnet18/34/50/101).
+        d_model: token width.
+        pretrained_backbone: local path of ImageNet weights, or None (random init). Never downloads.
+        frozen_bn: use frozen BatchNorm (statistics and affine fixed), DETR's choice for small batches.
+        trainable_layers: how many of the last ResNet stages (layer4, layer3, ...) receive gradients;
+            0 freezes the trunk. DETR trains layer2-4 (3).
+        stride: 32 (the whole trunk) or 16 (stop after layer3: 4x more tokens, better for small images).
+        fuse_frozen_bn: fold frozen BatchNorms into the preceding convolutions (same result, less work).
+        channels_last: run the trunk in channels-last memory format (faster convolutions on CPU and GPU).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        d_model: int = 256,
+        pretrained_backbone: str | None = None,
+        frozen_bn: bool = True,
+        trainable_layers: int = 3,
+        stride: int = 32,
+        fuse_frozen_bn: bool = True,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if backbone not in _RESNETS:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(_RESNETS)}")
+        if stride not in (16, 32):
+            raise ValueError(f"stride must be 16 or 32, got {stride}")
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        trunk = getattr(torchvision.models, backbone)(weights=None, norm_layer=norm)
+        if pretrained_backbone:
+            load_backbone_weights(trunk, pretrained_backbone)
+        stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+        for name, p in trunk.named_parameters():
+            if not any(name.startswith(s) for s in stages) and not (
+                "conv1" in stages and name.startswith("bn1")
+            ):
+                p.requires_grad_(False)
+        if frozen_bn and fuse_frozen_bn:
+            _fuse_frozen_bn(trunk)
+        layers = [trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3]
+        channels = _RESNETS[backbone]
+        if stride == 32:
+            layers.append(trunk.layer4)
+        else:
+            channels //= 2
+        self.body = nn.Sequential(*layers)
+        self.input_proj = nn.Conv2d(channels, d_model, kernel_size=1)
+        self.d_model, self.stride, self.channels_last = d_model, stride, channels_last
+
+    def forward(
+        self,
+        images: Tensor,  # [B, 3, H, W] normalised, zero-padded
+        pixel_mask: Tensor,  # [B, H, W] bool, True = padding
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+        """Returns tokens ``[B, h*w, D]``, positions ``[B, h*w, D]``, padding mask ``[B, h*w]`` and (h, w)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        feat = self.input_proj(self.body(images))  # [B, D, h, w]
+        h, w = feat.shape[-2:]
+        mask = F.interpolate(pixel_mask[:, None].float(), size=(h, w)).to(torch.bool)[:, 0]
+        pos = sine_positions_2d(mask, self.d_model).flatten(1, 2).to(feat.dtype)
+        tokens = feat.flatten(2).transpose(1, 2)
+        return tokens, pos, mask.flatten(1), (h, w)

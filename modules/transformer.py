@@ -1,0 +1,289 @@
+"""The shared seq2seq Transformer: encoder, decoder with cross-attention, incremental key/value cache.
+
+One class serves every task. Detection feeds image tokens to the encoder and learned object queries
+to the decoder (all decoded in parallel); translation feeds source tokens and shifted target tokens
+with a causal mask (decoded step by step with the cache). Attention runs through
+``torch.nn.functional.scaled_dot_product_attention``.
+
+Mask convention (everywhere in this package): a bool mask is True where attention is **blocked**
+(padding, future positions), like ``pixel_mask`` and ``src_padding_mask`` in the data contracts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LayerCache = dict[str, Any]
+
+
+def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
+    return x if pos is None else x + pos
+
+
+def _attention_mask(
+    padding_mask: Tensor | None, mask: Tensor | None, batch: int, nhead: int, tq: int
+) -> Tensor | None:
+    """Combine a key padding mask ``[B, S]`` and an attention mask ``[T, S]`` / ``[B, T, S]`` /
+    ``[B, H, T, S]`` (True = blocked) into SDPA's convention (True = may attend), or None."""
+    allowed: Tensor | None = None
+    if padding_mask is not None:
+        allowed = ~padding_mask[:, None, None, :]
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"attention masks must be bool (True = blocked), got {mask.dtype}")
+        m = ~mask
+        if m.dim() == 2:
+            m = m[None, None]
+        elif m.dim() == 3:
+            m = m[:, None]
+        allowed = m if allowed is None else allowed & m
+    return allowed
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention over separate query / key / value inputs.
+
+    The input projection is one ``[3D, D]`` matrix; when inputs coincide (self-attention without
+    positions: q = k = v, or DETR's q = k = x + pos) the matching rows run as one matmul.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
+        self.d_model, self.nhead, self.dropout = d_model, nhead, dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _project_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        d, w, b = self.d_model, self.in_proj.weight, self.in_proj.bias
+        if value is key:
+            k, v = F.linear(key, w[d:], b[d:]).chunk(2, dim=-1)
+        else:
+            k = F.linear(key, w[d : 2 * d], b[d : 2 * d])
+            v = F.linear(value, w[2 * d :], b[2 * d :])
+        return self._heads(k), self._heads(v)
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, D/H]
+        b, t, _ = x.shape
+        return x.view(b, t, self.nhead, -1).transpose(1, 2)
+
+    def forward(
+        self,
+        query: Tensor,  # [B, T, D]
+        key: Tensor,  # [B, S, D]
+        value: Tensor,  # [B, S, D]
+        attn_mask: Tensor | None = None,  # bool, SDPA convention (True = may attend), broadcastable to [B,H,T,S]
+        is_causal: bool = False,
+        cache: LayerCache | None = None,
+        static_kv: bool = False,
+    ) -> Tensor:  # [B, T, D]
+        d, w, b = self.d_model, self.in_proj.weight, self.in_proj.bias
+        if static_kv and cache is not None and "k" in cache:
+            # cross-attention while decoding step by step: encoder keys/values were computed once
+            q = self._heads(F.linear(query, w[:d], b[:d]))
+            k, v = cache["k"], cache["v"]
+        else:
+            if key is query and value is query:
+                q, k, v = (self._heads(t) for t in F.linear(query, w, b).chunk(3, dim=-1))
+            elif key is query:
+                q, k = (self._heads(t) for t in F.linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1))
+                v = self._heads(F.linear(value, w[2 * d :], b[2 * d :]))
+            else:
+                q = self._heads(F.linear(query, w[:d], b[:d]))
+                k, v = self._project_kv(key, value)
+            if cache is not None:
+                if not static_kv and "k" in cache:  # self-attention: append this step's keys/values
+                    k = torch.cat((cache["k"], k), dim=2)
+                    v = torch.cat((cache["v"], v), dim=2)
+                cache["k"], cache["v"] = k, v
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and attn_mask is None,
+        )
+        bsz, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, t, d))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: str) -> None:
+        act = {"relu": nn.ReLU(), "gelu": nn.GELU()}.get(activation)
+        if act is None:
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        super().__init__(
+            nn.Linear(d_model, dim_feedforward), act, nn.Dropout(dropout), nn.Linear(dim_feedforward, d_model)
+        )
+
+
+class EncoderLayer(nn.Module):
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, norm_first: bool, activation: str
+    ) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, pos: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+        if self.norm_first:
+            x = self.norm1(src)
+            qk = _with_pos(x, pos)
+            src = src + self.drop1(self.self_attn(qk, qk, x, attn_mask))
+            return src + self.drop2(self.ffn(self.norm2(src)))
+        qk = _with_pos(src, pos)
+        src = self.norm1(src + self.drop1(self.self_attn(qk, qk, src, attn_mask)))
+        return self.norm2(src + self.drop2(self.ffn(src)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, norm_first: bool, activation: str
+    ) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.cross_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.drop1, self.drop2, self.drop3 = (nn.Dropout(dropout) for _ in range(3))
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory_k: Tensor,  # memory (+ positions) used as cross-attention keys
+        memory: Tensor,
+        tgt_pos: Tensor | None,
+        self_mask: Tensor | None,
+        is_causal: bool,
+        memory_mask: Tensor | None,
+        cache: LayerCache | None,
+    ) -> Tensor:
+        self_cache = cross_cache = None
+        if cache is not None:
+            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        x = self.norm1(tgt) if self.norm_first else tgt
+        qk = _with_pos(x, tgt_pos)
+        h = self.self_attn(qk, qk, x, self_mask, is_causal=is_causal, cache=self_cache)
+        tgt = tgt + self.drop1(h) if self.norm_first else self.norm1(tgt + self.drop1(h))
+        x = self.norm2(tgt) if self.norm_first else tgt
+        h = self.cross_attn(_with_pos(x, tgt_pos), memory_k, memory, memory_mask, cache=cross_cache, static_kv=True)
+        tgt = tgt + self.drop2(h) if self.norm_first else self.norm2(tgt + self.drop2(h))
+        x = self.norm3(tgt) if self.norm_first else tgt
+        h = self.ffn(x)
+        return tgt + self.drop3(h) if self.norm_first else self.norm3(tgt + self.drop3(h))
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Encoder-decoder Transformer shared by all tasks.
+
+    Args:
+        pos_at_every_layer: True (DETR style) adds the given positions to queries and keys in every
+            attention layer; False (NMT style) adds them once to the inputs of ``encode``/``decode``.
+        norm_first: pre-norm layers (plus a final encoder norm) instead of post-norm.
+    The decoder's final LayerNorm is applied to every layer's output, which is what DETR's auxiliary
+    losses read.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        norm_first: bool = False,
+        activation: str = "relu",
+        pos_at_every_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.nhead = d_model, nhead
+        self.pos_at_every_layer = pos_at_every_layer
+        args = (d_model, nhead, dim_feedforward, dropout, norm_first, activation)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(num_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(num_decoder_layers))
+        self.encoder_norm = nn.LayerNorm(d_model) if norm_first and num_encoder_layers else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    def encode(
+        self,
+        src: Tensor,  # [B, S, D]
+        src_pos: Tensor | None = None,  # [B, S, D] or [S, D]
+        src_padding_mask: Tensor | None = None,  # [B, S] bool, True = padding
+    ) -> Tensor:  # memory [B, S, D]
+        if src_pos is not None and not self.pos_at_every_layer:
+            src, src_pos = src + src_pos, None
+        mask = _attention_mask(src_padding_mask, None, src.shape[0], self.nhead, src.shape[1])
+        for layer in self.encoder_layers:
+            src = layer(src, src_pos, mask)
+        return self.encoder_norm(src)
+
+    def init_cache(self) -> list[LayerCache]:
+        """An empty incremental-decoding cache: pass the same list to every ``decode`` step."""
+        return [{} for _ in self.decoder_layers]
+
+    def decode(
+        self,
+        tgt: Tensor,  # [B, T, D] (only the new positions when decoding with a cache)
+        memory: Tensor,  # [B, S, D]
+        tgt_pos: Tensor | None = None,  # [B, T, D] or [T, D]
+        memory_pos: Tensor | None = None,  # [B, S, D] or [S, D]
+        memory_padding_mask: Tensor | None = None,  # [B, S] bool, True = padding
+        tgt_mask: Tensor | None = None,  # [T, T] / [B, T, T] / [B, H, T, T] bool, True = blocked
+        cache: list[LayerCache] | None = None,
+        tgt_padding_mask: Tensor | None = None,  # [B, T] bool, True = padding
+        is_causal: bool = False,
+        return_intermediate: bool = True,
+    ) -> Tensor:  # [L, B, T, D] (L = number of decoder layers, or 1 without intermediates)
+        if tgt_pos is not None and not self.pos_at_every_layer:
+            tgt, tgt_pos = tgt + tgt_pos, None
+        if self.pos_at_every_layer and memory_pos is not None:
+            memory_k = memory + memory_pos
+        else:
+            memory_k = memory
+        b, t = tgt.shape[:2]
+        self_mask = _attention_mask(tgt_padding_mask, tgt_mask, b, self.nhead, t)
+        if is_causal and self_mask is not None:  # SDPA takes either a mask or is_causal: fold it in
+            causal = torch.ones(t, t, dtype=torch.bool, device=tgt.device).tril()
+            self_mask = self_mask & causal
+        memory_mask = _attention_mask(memory_padding_mask, None, b, self.nhead, t)
+        if cache is not None and len(cache) != len(self.decoder_layers):
+            raise ValueError("cache has a different number of layers: create it with init_cache()")
+        causal_step = is_causal and not (cache is not None and "k" in cache[0].get("self", {}))
+        outputs = []
+        for i, layer in enumerate(self.decoder_layers):
+            tgt = layer(
+                tgt,
+                memory_k,
+                memory,
+                tgt_pos,
+                self_mask,
+                causal_step,
+                memory_mask,
+                None if cache is None else cache[i],
+            )
+            if return_intermediate:
+                outputs.append(self.decoder_norm(tgt))
+        if not return_intermediate:
+            return self.decoder_norm(tgt).unsqueeze(0)
+        return torch.stack(outputs)

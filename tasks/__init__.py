@@ -1,0 +1,1 @@
+"""LightningModules, one per task, wiring the shared backbone to an adapter, head, loss and metrics."""

@@ -1,0 +1,92 @@
+"""What every task shares: optimizer and LR schedule, parameter groups, gradient clipping, checkpoint hygiene."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import nn
+
+CHECKPOINT_KEY = "mtdetr"
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine decay to
+    ``min_lr_ratio`` at ``total_steps`` (constant after warm-up when the total is unknown)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not math.isfinite(total_steps) or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class BaseTask(L.LightningModule):
+    """Base LightningModule.
+
+    Args:
+        lr: learning rate of everything but the image trunk.
+        lr_backbone: learning rate of the CNN trunk (DETR: 10x lower); 0 freezes it.
+        weight_decay, betas: AdamW settings.
+        warmup_steps: linear warm-up length in optimizer steps.
+        scheduler: "cosine" (warm-up then cosine decay over the whole run) or "constant" (warm-up only).
+        min_lr_ratio: final LR as a fraction of the peak for "cosine".
+        grad_clip: max global gradient norm (0 or None = no clipping).
+    """
+
+    task_name = "base"
+
+    def __init__(
+        self,
+        lr: float = 1e-4,
+        lr_backbone: float = 1e-5,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        scheduler: str = "cosine",
+        min_lr_ratio: float = 0.01,
+        grad_clip: float | None = 0.1,
+    ) -> None:
+        super().__init__()
+        if scheduler not in ("cosine", "constant"):
+            raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+        self.lr, self.lr_backbone, self.weight_decay, self.betas = lr, lr_backbone, weight_decay, tuple(betas)
+        self.warmup_steps, self.scheduler_name, self.min_lr_ratio = warmup_steps, scheduler, min_lr_ratio
+        self.grad_clip = grad_clip
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters trained with ``lr_backbone`` (override: e.g. the CNN trunk)."""
+        return iter(())
+
+    def configure_optimizers(self):
+        backbone = {id(p) for p in self.backbone_parameters() if p.requires_grad}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone]
+        groups = [{"params": rest, "lr": self.lr, "name": "main"}]
+        if backbone and self.lr_backbone > 0:
+            params = [p for p in self.parameters() if id(p) in backbone]
+            groups.append({"params": params, "lr": self.lr_backbone, "name": "backbone"})
+        elif backbone:  # lr_backbone == 0: freeze instead of wasting backward passes
+            for p in self.backbone_parameters():
+                p.requires_grad_(False)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        total = float(self.trainer.estimated_stepping_batches) if self.scheduler_name == "cosine" else math.inf
+        warmup, floor = self.warmup_steps, self.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            return warmup_cosine(step, warmup, total, floor)
+
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # plain values only: checkpoints must load with torch.load(weights_only=True)
+        wandb_id = next((lg.version for lg in self.loggers if isinstance(lg, WandbLogger)), None)
+        checkpoint[CHECKPOINT_KEY] = {"task": self.task_name, "wandb_run_id": wandb_id}

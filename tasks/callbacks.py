@@ -1,0 +1,107 @@
+"""Callbacks: render detections of a few validation images to PNG and to W&B."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from torchvision.ops import box_convert
+from torchvision.utils import draw_bounding_boxes, make_grid, save_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DetectionVisualizer(L.Callback):
+    """After each validation, draws predicted (score >= ``score_threshold``) and ground-truth boxes of
+    the first ``num_images`` validation images: ``<run>/predictions/epoch{E}.png`` and, with a W&B
+    logger, ``wandb.Image(..., boxes=...)`` under ``val/predictions``."""
+
+    def __init__(self, num_images: int = 4, score_threshold: float = 0.5, dirname: str = "predictions") -> None:
+        self.num_images, self.score_threshold, self.dirname = num_images, score_threshold, dirname
+        self._batch: tuple | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or not isinstance(outputs, dict) or "outputs" not in outputs:
+            return
+        n = self.num_images
+        raw = outputs["outputs"]
+        self._batch = (
+            batch["images"][:n].detach().float().cpu(),
+            [t["size"].tolist() for t in batch["targets"][:n]],
+            raw["pred_logits"][:n].detach().float().softmax(-1).cpu(),
+            raw["pred_boxes"][:n].detach().float().cpu(),
+            [{k: t[k].cpu() for k in ("labels", "boxes")} for t in batch["targets"][:n]],
+        )
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._batch is None or not trainer.is_global_zero:
+            return
+        images, sizes, probs, boxes, targets = self._batch
+        self._batch = None
+        names = list(pl_module.data_info.get("class_names", []))
+        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        drawn, wandb_images = [], []
+        for img, (h, w), prob, box, tgt in zip(images, sizes, probs, boxes, targets):
+            pixels = (img[:, :h, :w] * std + mean).clamp(0, 1)
+            score, label = prob[:, :-1].max(-1)
+            keep = score >= self.score_threshold
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+            pred_xyxy = box_convert(box[keep], "cxcywh", "xyxy") * scale
+            gt_xyxy = box_convert(tgt["boxes"].float(), "cxcywh", "xyxy") * scale
+            u8 = (pixels * 255).to(torch.uint8)
+            if len(gt_xyxy):
+                u8 = draw_bounding_boxes(u8, gt_xyxy, colors="lime", width=1)
+            if len(pred_xyxy):
+                pred_text = [f"{self._name(names, int(c))} {s:.2f}" for c, s in zip(label[keep], score[keep])]
+                u8 = draw_bounding_boxes(u8, pred_xyxy, labels=pred_text, colors="red", width=1)
+            drawn.append(u8.float() / 255)
+            wandb_images.append((pixels, box[keep], label[keep], score[keep], tgt))
+        if not drawn:
+            return
+        out_dir = os.path.join(trainer.default_root_dir, self.dirname)
+        os.makedirs(out_dir, exist_ok=True)
+        hmax, wmax = max(d.shape[1] for d in drawn), max(d.shape[2] for d in drawn)
+        padded = [torch.nn.functional.pad(d, (0, wmax - d.shape[2], 0, hmax - d.shape[1])) for d in drawn]
+        save_image(make_grid(padded, nrow=len(padded), padding=2), os.path.join(
+            out_dir, f"epoch{trainer.current_epoch:03d}.png"))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self._log_wandb(logger, wandb_images, names, trainer.global_step)
+
+    @staticmethod
+    def _name(names: list[str], label: int) -> str:
+        return names[label] if label < len(names) else str(label)
+
+    def _log_wandb(self, logger: WandbLogger, items: list, names: list[str], step: int) -> None:
+        import wandb
+
+        class_labels = {i: n for i, n in enumerate(names)} or None
+
+        def box_data(boxes: Tensor, labels: Tensor, scores: Tensor | None) -> list[dict]:
+            xyxy = box_convert(boxes.float(), "cxcywh", "xyxy").clamp(0, 1)
+            data = []
+            for j, (b, c) in enumerate(zip(xyxy.tolist(), labels.tolist())):
+                entry = {
+                    "position": {"minX": b[0], "minY": b[1], "maxX": b[2], "maxY": b[3]},
+                    "class_id": int(c),
+                    "box_caption": self._name(names, int(c)),
+                }
+                if scores is not None:
+                    entry["scores"] = {"score": float(scores[j])}
+                    entry["box_caption"] += f" {float(scores[j]):.2f}"
+                data.append(entry)
+            return data
+
+        images = []
+        for pixels, pbox, plabel, pscore, tgt in items:
+            boxes = {
+                "predictions": {"box_data": box_data(pbox, plabel, pscore), "class_labels": class_labels},
+                "ground_truth": {"box_data": box_data(tgt["boxes"], tgt["labels"], None),
+                                 "class_labels": class_labels},
+            }
+            images.append(wandb.Image(pixels.permute(1, 2, 0).numpy(), boxes=boxes))
+        logger.experiment.log({"val/predictions": images, "trainer/global_step": step})

@@ -1,0 +1,133 @@
+"""Object detection: DETR on the shared Transformer, Hungarian set loss, COCO mAP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import box_convert
+
+from modules.criterion import SetCriterion, weighted_loss
+from modules.detr import build_detr, postprocess
+from modules.matcher import HungarianMatcher
+
+from .base import BaseTask
+
+
+class DetectionTask(BaseTask):
+    """DETR training and evaluation.
+
+    Args:
+        model: keyword arguments of :func:`modules.detr.build_detr` (the ``model`` config group).
+        data_info: what the data module read from the dataset: ``num_classes``, ``class_names`` and
+            ``category_ids`` (label i is category ``category_ids[i]`` of the COCO JSON).
+        cost_class, cost_bbox, cost_giou: Hungarian matching costs.
+        eos_coef: weight of the no-object class in the classification loss.
+        loss_ce, loss_bbox, loss_giou: loss weights (applied to every decoder layer).
+        top_k: detections kept per image for evaluation.
+        **optim: optimizer / schedule settings of :class:`tasks.base.BaseTask`.
+    """
+
+    task_name = "detection"
+
+    def __init__(
+        self,
+        model: dict,
+        data_info: dict,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        eos_coef: float = 0.1,
+        loss_ce: float = 1.0,
+        loss_bbox: float = 5.0,
+        loss_giou: float = 2.0,
+        top_k: int = 100,
+        **optim,
+    ) -> None:
+        super().__init__(**optim)
+        self.save_hyperparameters()
+        self.data_info = data_info
+        self.model = build_detr(num_classes=data_info["num_classes"], **model)
+        matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou)
+        self.criterion = SetCriterion(data_info["num_classes"], matcher, eos_coef)
+        self.loss_weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        self.top_k = top_k
+        self.register_buffer(
+            "category_ids", torch.as_tensor(data_info["category_ids"], dtype=torch.int64), persistent=False
+        )
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.adapter.body.parameters()
+
+    def forward(self, images: Tensor, pixel_mask: Tensor) -> dict:
+        return self.model(images, pixel_mask)
+
+    def _losses(self, batch: dict) -> tuple[dict, dict[str, Tensor], Tensor]:
+        outputs = self(batch["images"], batch["pixel_mask"])
+        losses = self.criterion(outputs, batch["targets"])
+        return outputs, losses, weighted_loss(losses, self.loss_weights)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        _, losses, loss = self._losses(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"(terms: { {k: round(v.item(), 4) for k, v in losses.items()} }). Lower the learning rate "
+                "or check the data; the last good checkpoint is in the run's checkpoints/ folder."
+            )
+        bs = len(batch["targets"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
+        return loss
+
+    def predictions(self, outputs: dict, targets: list[dict]) -> list[dict[str, Tensor]]:
+        """Detections in the original image's absolute xyxy pixels, labels as contiguous indices."""
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
+        return postprocess(outputs, sizes, self.top_k)
+
+    def _eval_step(self, batch: dict, metric: MeanAveragePrecision, prefix: str) -> dict:
+        outputs, losses, loss = self._losses(batch)
+        bs = len(batch["targets"])
+        self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
+        for k in ("loss_ce", "loss_bbox", "loss_giou"):
+            self.log(f"{prefix}/{k}", losses[k], batch_size=bs, sync_dist=True)
+        preds = self.predictions(outputs, batch["targets"])
+        cat = self.category_ids
+        metric.update(
+            [{"boxes": p["boxes"], "scores": p["scores"], "labels": cat[p["labels"]]} for p in preds],
+            [self._ground_truth(t) for t in batch["targets"]],
+        )
+        return {"loss": loss, "outputs": outputs, "preds": preds}
+
+    def _ground_truth(self, target: dict) -> dict[str, Tensor]:
+        h, w = target["orig_size"].tolist()
+        boxes = box_convert(target["boxes"].float(), "cxcywh", "xyxy") * target["boxes"].new_tensor([w, h, w, h])
+        return {"boxes": boxes, "labels": self.category_ids[target["labels"]]}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch, self.val_map, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch, self.test_map, "test")
+
+    def _log_map(self, metric: MeanAveragePrecision, prefix: str) -> None:
+        result = metric.compute()
+        metric.reset()
+        names = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_small",
+                 "map_medium": "mAP_medium", "map_large": "mAP_large", "mar_100": "mAR_100"}
+        for key, name in names.items():
+            value = result[key].float()
+            if key in ("map", "map_50", "map_75"):  # always logged (-1 = no ground truth -> 0)
+                self.log(f"{prefix}/{name}", value.clamp(min=0.0), prog_bar=key != "map_75")
+            elif value >= 0:  # -1: no object of that size in this split
+                self.log(f"{prefix}/{name}", value)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_map(self.val_map, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map(self.test_map, "test")

@@ -1,0 +1,161 @@
+"""Run plumbing for ``train.py``: config schema, resolvers, checkpoint lookup, W&B offline, instantiation."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .base import CHECKPOINT_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration or on the command line."""
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B could log online without asking for a key."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("mtdetr.root"):
+        OmegaConf.register_new_resolver("mtdetr.root", lambda: str(ROOT))
+        OmegaConf.register_new_resolver("mtdetr.wandb_offline", lambda: not wandb_has_credentials())
+
+
+@dataclass
+class PathsSchema:
+    root_dir: str = str(ROOT)
+    data_dir: str = "${paths.root_dir}/data"
+    log_dir: str = "${paths.root_dir}/outputs"
+    output_dir: str = "${hydra:runtime.output_dir}"
+    cache_dir: str = "${paths.root_dir}/.cache"
+
+
+@dataclass
+class TrainSchema:
+    """Top-level keys of ``configs/train.yaml``: a misspelled one is an error, not a new key."""
+
+    task_name: str = "???"
+    seed: int | None = 42
+    ckpt_path: str | None = None
+    train: bool = True
+    test: bool = True
+    float32_matmul_precision: str | None = None
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    task: Any = None
+    data: Any = None
+    model: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainSchema)
+
+
+def find_last_checkpoint(log_dir: str, task_name: str) -> str:
+    """Newest ``last.ckpt`` of a task under ``<log_dir>/<task_name>/*/checkpoints/``."""
+    pattern = os.path.join(log_dir, task_name, "*", "checkpoints", "last.ckpt")
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise ConfigError(
+            f"ckpt_path=last: no checkpoint matches {pattern}. Train once first, or give the path of a "
+            "checkpoint file: ckpt_path=outputs/<task>/<run>/checkpoints/last.ckpt"
+        )
+    return found[-1]
+
+
+def read_checkpoint_meta(path: str, task_name: str) -> dict:
+    """Check that ``path`` is a readable mtdetr checkpoint of ``task_name``; return its metadata."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"ckpt_path={path!r}: no such file. Use ckpt_path=last for the newest run's last.ckpt.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or not a checkpoint at all
+        raise ConfigError(
+            f"ckpt_path={path!r} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+            "It may be truncated (a run killed while writing) or not a PyTorch file; pick another one."
+        ) from e
+    meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"ckpt_path={path!r} is not an mtdetr training checkpoint (no {CHECKPOINT_KEY!r} entry).")
+    if meta.get("task") != task_name:
+        raise ConfigError(
+            f"ckpt_path={path!r} was saved by task={meta.get('task')!r}, but this run is task={task_name!r}. "
+            f"Run with task={meta.get('task')} or pick a checkpoint of this task."
+        )
+    return meta
+
+
+def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """``cfg.ckpt_path`` as a file path (``last`` -> newest run's last.ckpt) and its W&B run id."""
+    path = cfg.ckpt_path
+    if not path:
+        return None, None
+    if path == "last":
+        path = find_last_checkpoint(cfg.paths.log_dir, cfg.task_name)
+    path = os.path.abspath(os.path.expanduser(path))
+    meta = read_checkpoint_meta(path, cfg.task_name)
+    return path, meta.get("wandb_run_id")
+
+
+def instantiate_dict(cfg: DictConfig | None, **extra: Any) -> list[Any]:
+    """Instantiate each named entry of a config dict (callbacks, loggers); null entries are skipped."""
+    if not cfg:
+        return []
+    objects = []
+    for name, node in cfg.items():
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"entry {name!r} has no _target_: every callback/logger needs one")
+        kwargs = {k: v for k, v in extra.items() if k in _target_params(node._target_)}
+        objects.append(instantiate(node, **kwargs))
+    return objects
+
+
+def _target_params(target: str) -> set[str]:
+    import importlib
+    import inspect
+
+    module, _, name = target.rpartition(".")
+    obj = getattr(importlib.import_module(module), name)
+    return set(inspect.signature(obj).parameters)
+
+
+def wandb_summary(loggers: list) -> str | None:
+    """Where an offline W&B run lies and how to upload it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            run_dir = str(Path(run.dir).parent)
+            if getattr(run.settings, "_offline", False) or getattr(run.settings, "mode", "") == "offline":
+                return f"W&B run {run.id} saved offline in {run_dir}\n  upload it with: wandb sync {run_dir}"
+            return f"W&B run {run.id}: {run.url}"
+    return None
+
+
+def to_plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg

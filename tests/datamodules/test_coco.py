@@ -1,0 +1,333 @@
+"""Behaviour of the COCO detection data path on tiny datasets written to tmp_path."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.coco import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CocoDataModule,
+    CocoDetectionDataset,
+    DataError,
+    MissingDataError,
+    collate_detection,
+    load_rgb_image,
+    make_detection_transforms,
+    to_rgb,
+)
+
+CATEGORIES = [
+    {"id": 9, "name": "dog", "supercategory": "animal"},
+    {"id": 5, "name": "cat", "supercategory": "animal"},
+]
+
+
+def write_coco(
+    root: Path,
+    images: list[tuple[str, int, int]],
+    anns: list[tuple[int, int, list[float]]],
+    name: str = "train.json",
+    categories: list[dict[str, Any]] | None = None,
+    write_images: bool = True,
+) -> Path:
+    """images: (file_name, width, height), ids 1..; anns: (image_id, category_id, [x, y, w, h])."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    if write_images:
+        for file_name, w, h in images:
+            Image.new("RGB", (w, h), (200, 100, 50)).save(root / "images" / file_name)
+    data = {
+        "images": [
+            {"id": i + 1, "file_name": f, "width": w, "height": h} for i, (f, w, h) in enumerate(images)
+        ],
+        "annotations": [
+            {"id": k + 1, "image_id": im, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for k, (im, c, b) in enumerate(anns)
+        ],
+        "categories": CATEGORIES if categories is None else categories,
+    }
+    path = root / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    """3 images of different sizes (one without boxes) in train and val."""
+    images = [("a.png", 100, 80), ("b.png", 60, 90), ("empty.png", 50, 50)]
+    anns = [(1, 9, [10.0, 20.0, 30.0, 40.0]), (1, 5, [0.0, 0.0, 100.0, 80.0]), (2, 5, [5.0, 5.0, 10.0, 20.0])]
+    write_coco(tmp_path, images, anns, "train.json")
+    write_coco(tmp_path, images, anns, "val.json", write_images=False)
+    return tmp_path
+
+
+def small_dm(root: Path, **kw: Any) -> CocoDataModule:
+    args = {"batch_size": 3, "num_workers": 0, "train_scales": [64], "val_scale": 64, "max_size": 100}
+    args.update(kw)
+    return CocoDataModule(str(root), **args)
+
+
+def unnormalize(img: torch.Tensor) -> torch.Tensor:
+    return img * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+
+
+# ------------------------------------------------------------------------------------ contract
+
+
+def test_batch_contract(tiny: Path) -> None:
+    dm = small_dm(tiny)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    images, mask, targets = batch["images"], batch["pixel_mask"], batch["targets"]
+    assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[:2] == (3, 3)
+    assert mask.dtype == torch.bool and mask.shape == (3, *images.shape[-2:])
+    assert images.shape[-1] % 32 == 0 and images.shape[-2] % 32 == 0
+    for i, t in enumerate(targets):
+        h, w = t["size"].tolist()
+        assert not mask[i, :h, :w].any()
+        assert mask[i].sum() == mask.shape[1] * mask.shape[2] - h * w  # True exactly on the padding
+        assert (images[i, :, h:, :] == 0).all() and (images[i, :, :, w:] == 0).all()
+        assert t["labels"].dtype == torch.int64 and t["boxes"].dtype == torch.float32
+        assert t["boxes"].shape == (len(t["labels"]), 4)
+        assert ((t["boxes"] >= 0) & (t["boxes"] <= 1)).all()
+        assert ((t["labels"] >= 0) & (t["labels"] < 2)).all()
+        assert isinstance(t["image_id"], int) and t["orig_size"].dtype == torch.int64
+    # image 1: 100x80 → shortest side 64 → 80x64; sizes follow (h, w)
+    t0 = targets[0]
+    assert t0["image_id"] == 1 and t0["orig_size"].tolist() == [80, 100] and t0["size"].tolist() == [64, 80]
+    # category ids 5, 9 → labels 0, 1; box [10,20,30,40] in a 100x80 image → cxcywh normalised
+    assert t0["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(t0["boxes"][0], torch.tensor([0.25, 0.5, 0.3, 0.5]), atol=2e-3, rtol=0)
+    torch.testing.assert_close(t0["boxes"][1], torch.tensor([0.5, 0.5, 1.0, 1.0]), atol=1e-4, rtol=0)
+    # image without annotations
+    t2 = targets[2]
+    assert t2["boxes"].shape == (0, 4) and t2["labels"].shape == (0,)
+
+
+def test_train_loader_with_empty_image_and_worker(tiny: Path) -> None:
+    dm = small_dm(tiny, num_workers=1, persistent_workers=False)
+    dm.setup("fit")
+    seen = 0
+    for batch in dm.train_dataloader():
+        for t in batch["targets"]:
+            seen += 1
+            if t["image_id"] == 3:
+                assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,)
+    assert seen == 3
+
+
+def test_horizontal_flip_moves_boxes_and_pixels(tmp_path: Path) -> None:
+    write_coco(tmp_path, [("a.png", 100, 80)], [(1, 9, [10.0, 20.0, 30.0, 40.0])])
+    left_red = np.zeros((80, 100, 3), dtype=np.uint8)
+    left_red[:, :50] = (255, 0, 0)
+    left_red[:, 50:] = (0, 0, 255)
+    Image.fromarray(left_red).save(tmp_path / "images" / "a.png")
+    transforms = make_detection_transforms(True, train_scales=[80], max_size=1000, hflip_prob=1.0)
+    ds = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", transforms=transforms)
+    image, target = ds[0]
+    assert target["size"].tolist() == [80, 100]  # shortest side already 80: no resize
+    torch.testing.assert_close(target["boxes"][0], torch.tensor([0.75, 0.5, 0.3, 0.5]), atol=1e-5, rtol=0)
+    rgb = unnormalize(image)
+    assert rgb[2, :, :50].mean() > 0.9 and rgb[0, :, 50:].mean() > 0.9  # blue now left, red right
+
+
+def test_resize_keeps_normalised_boxes_and_caps_long_side(tmp_path: Path) -> None:
+    write_coco(tmp_path, [("a.png", 300, 100)], [(1, 5, [30.0, 10.0, 60.0, 50.0])])
+    eval_tf = make_detection_transforms(False, val_scale=50, max_size=120)
+    image, target = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", eval_tf)[0]
+    assert target["size"].tolist() == [40, 120] == list(image.shape[-2:])  # long side capped at 120
+    torch.testing.assert_close(target["boxes"][0], torch.tensor([0.2, 0.35, 0.2, 0.5]), atol=5e-3, rtol=0)
+    capped = make_detection_transforms(False, val_scale=120, max_size=120)  # cap always binds
+    _, t = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", capped)[0]
+    assert t["size"].tolist() == [40, 120]
+    train_tf = make_detection_transforms(True, train_scales=[20, 30], max_size=1000, hflip_prob=0.0)
+    ds = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", train_tf)
+    sizes = {tuple(ds[0][1]["size"].tolist()) for _ in range(20)}
+    assert sizes <= {(20, 60), (30, 90)} and len(sizes) == 2
+
+
+def test_degenerate_boxes_dropped_and_outside_boxes_clamped(tmp_path: Path) -> None:
+    anns = [
+        (1, 5, [10.0, 10.0, 0.0, 5.0]),
+        (1, 9, [80.0, 60.0, 50.0, 50.0]),
+        (1, 5, [-10.0, 0.0, 20.0, 10.0]),
+    ]
+    write_coco(tmp_path, [("a.png", 100, 80)], anns)
+    for train in (True, False):
+        tf = make_detection_transforms(train, train_scales=[80], val_scale=80, max_size=1000, hflip_prob=0.0)
+        _, t = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", tf)[0]
+        assert t["labels"].tolist() == [1, 0]
+        torch.testing.assert_close(t["boxes"][0], torch.tensor([0.9, 0.875, 0.2, 0.25]))
+        torch.testing.assert_close(t["boxes"][1], torch.tensor([0.05, 0.0625, 0.1, 0.125]))
+
+
+def test_crowd_annotations_left_out(tmp_path: Path) -> None:
+    path = write_coco(
+        tmp_path, [("a.png", 40, 40)], [(1, 5, [1.0, 1.0, 5.0, 5.0]), (1, 9, [2.0, 2.0, 9.0, 9.0])]
+    )
+    data = json.loads(path.read_text())
+    data["annotations"][1]["iscrowd"] = 1
+    path.write_text(json.dumps(data))
+    _, t = CocoDetectionDataset(tmp_path / "images", path)[0]
+    assert t["labels"].tolist() == [0]
+
+
+def test_collate_pads_bottom_right() -> None:
+    a = (torch.ones(3, 10, 20), {"x": 1})
+    b = (torch.full((3, 33, 5), 2.0), {"x": 2})
+    out = collate_detection([a, b], size_divisibility=32)
+    assert out["images"].shape == (2, 3, 64, 32) and out["pixel_mask"].shape == (2, 64, 32)
+    assert out["images"][0, :, :10, :20].eq(1).all() and out["images"][0].sum() == 3 * 10 * 20
+    assert out["pixel_mask"][0].sum() == 64 * 32 - 200 and not out["pixel_mask"][1, :33, :5].any()
+    assert collate_detection([a, b], size_divisibility=1)["images"].shape == (2, 3, 33, 20)
+    assert [t["x"] for t in out["targets"]] == [1, 2]
+
+
+def test_data_info_plain_types_and_category_mapping(tiny: Path, tmp_path: Path) -> None:
+    dm = small_dm(tiny)
+    info = dm.data_info  # available before setup
+    assert info == {"num_classes": 2, "class_names": ["cat", "dog"], "category_ids": [5, 9]}
+    json.dumps(info)
+    torch.save({"data_info": info}, tmp_path / "x.pt")
+    assert torch.load(tmp_path / "x.pt", weights_only=True)["data_info"] == info
+    assert dm.label_to_category_id(torch.tensor([[1, 0], [0, 0]])).tolist() == [[9, 5], [5, 5]]
+
+
+def test_paths_relative_absolute_and_test_defaults_to_val(
+    tiny: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    val = elsewhere / "my_val.json"
+    val.write_text((tiny / "val.json").read_text())
+    dm = small_dm(tiny, val_json=str(val))
+    dm.setup("test")
+    assert dm.val_json == val and dm.test_json == val and len(dm.test_dataset) == 3
+    assert len(list(dm.test_dataloader())) == 1
+
+
+def test_unknown_argument_is_type_error(tiny: Path) -> None:
+    with pytest.raises(TypeError):
+        CocoDataModule(str(tiny), batchsize=4)  # type: ignore[call-arg]
+
+
+# ------------------------------------------------------------------------------------ bad data
+
+
+def test_missing_root_and_json(tmp_path: Path) -> None:
+    with pytest.raises(MissingDataError, match="nope") as err:
+        small_dm(tmp_path / "nope").setup("fit")
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, DataError)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match="train.json"):
+        small_dm(tmp_path).setup("fit")
+
+
+def test_malformed_json_names_file_line_column(tiny: Path) -> None:
+    (tiny / "val.json").write_text('{\n  "images": [],\n  "categories": [,]\n}\n')
+    with pytest.raises(DataError, match=r"val\.json:3:18") as err:
+        small_dm(tiny).setup("fit")
+    assert "line 3, column 18" in str(err.value)
+
+
+def test_missing_image_file_named_with_count(tiny: Path) -> None:
+    (tiny / "images" / "b.png").unlink()
+    (tiny / "images" / "empty.png").unlink()
+    with pytest.raises(MissingDataError, match=r"2 image file\(s\) listed in .*train\.json") as err:
+        small_dm(tiny).setup("fit")
+    assert "b.png" in str(err.value) and "empty.png" in str(err.value)
+
+
+@pytest.mark.parametrize("bad_name", ["../secret.png", "/etc/passwd", "sub/../../x.png", "C:\\x.png"])
+def test_file_name_escaping_images_folder_refused(tmp_path: Path, bad_name: str) -> None:
+    write_coco(tmp_path, [("a.png", 10, 10)], [])
+    write_coco(tmp_path, [(bad_name, 10, 10)], [], name="val.json", write_images=False)
+    with pytest.raises(DataError, match=r"val\.json.*escapes the images folder"):
+        small_dm(tmp_path).setup("fit")
+
+
+def test_category_mismatch_names_both_files(tiny: Path) -> None:
+    data = json.loads((tiny / "val.json").read_text())
+    data["categories"][0]["name"] = "wolf"
+    (tiny / "val.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"categories differ between .*train\.json and .*val\.json") as err:
+        small_dm(tiny).setup("validate")
+    assert "wolf" in str(err.value)
+
+
+def test_annotation_with_unknown_category_or_image(tmp_path: Path) -> None:
+    write_coco(tmp_path, [("a.png", 10, 10)], [(1, 77, [0.0, 0.0, 1.0, 1.0])])
+    with pytest.raises(DataError, match=r"train\.json.*category_id 77"):
+        CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")
+    write_coco(tmp_path, [("a.png", 10, 10)], [(2, 5, [0.0, 0.0, 1.0, 1.0])])
+    with pytest.raises(DataError, match=r"train\.json.*image_id 2"):
+        CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")
+
+
+def test_image_size_disagreeing_with_json(tmp_path: Path) -> None:
+    write_coco(tmp_path, [("a.png", 30, 20)], [])
+    Image.new("RGB", (31, 20)).save(tmp_path / "images" / "a.png")
+    with pytest.raises(DataError, match=r"a\.png.*31x20.*30x20"):
+        CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")[0]
+
+
+# ------------------------------------------------------------------------------------ image modes
+
+
+def test_grayscale_palette_rgba_and_16bit_become_rgb(tmp_path: Path) -> None:
+    Image.new("L", (7, 5), 77).save(tmp_path / "l.png")
+    Image.new("RGB", (7, 5), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        tmp_path / "p.png"
+    )
+    rgba = Image.new("RGBA", (7, 5), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((5, 7), 32768, dtype=np.uint16)).save(tmp_path / "i16.png")
+    for name in ("l", "p", "rgba", "i16"):
+        im = load_rgb_image(tmp_path / f"{name}.png", (7, 5))
+        assert im.mode == "RGB" and im.size == (7, 5), name
+    assert load_rgb_image(tmp_path / "l.png").getpixel((3, 3)) == (77, 77, 77)
+    assert load_rgb_image(tmp_path / "p.png").getpixel((3, 3)) == (10, 200, 30)
+    rgb = load_rgb_image(tmp_path / "rgba.png")
+    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (255, 0, 0)
+    assert load_rgb_image(tmp_path / "i16.png").getpixel((3, 3)) == (128, 128, 128)  # scaled, not clipped
+    assert to_rgb(Image.new("I", (2, 2), 65535)).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("F", (2, 2), 0.5)).getpixel((0, 0)) == (128, 128, 128)
+
+
+def _exif_jpeg(path: Path, size: tuple[int, int], orientation: int) -> None:
+    pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    pixels[:, : size[0] // 2] = 255  # left half white in stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", exif=exif, quality=95)
+    path.write_bytes(buf.getvalue())
+
+
+def test_exif_rotation_applied_and_boxes_follow(tmp_path: Path) -> None:
+    # stored 40x20 (w x h), orientation 6 = rotate 90° clockwise for display → 20x40
+    write_coco(tmp_path, [("r.jpg", 20, 40)], [(1, 5, [0.0, 0.0, 20.0, 20.0])], write_images=False)
+    _exif_jpeg(tmp_path / "images" / "r.jpg", (40, 20), 6)
+    im = load_rgb_image(tmp_path / "images" / "r.jpg", (20, 40))
+    assert im.size == (20, 40) and im.mode == "RGB"
+    assert np.asarray(im)[:18].mean() > 200 and np.asarray(im)[22:].mean() < 50  # white half on top
+    image, t = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")[0]
+    assert (
+        image.shape == (3, 40, 20) and t["size"].tolist() == [40, 20] and t["orig_size"].tolist() == [40, 20]
+    )
+    torch.testing.assert_close(t["boxes"][0], torch.tensor([0.5, 0.25, 1.0, 0.5]))
+
+
+def test_exif_ignored_when_json_describes_stored_pixels(tmp_path: Path) -> None:
+    _exif_jpeg(tmp_path / "r.jpg", (40, 20), 6)
+    with pytest.warns(UserWarning, match="EXIF orientation is ignored"):
+        im = load_rgb_image(tmp_path / "r.jpg", (40, 20))
+    assert im.size == (40, 20)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modules.criterion import SetCriterion, weighted_loss
+from modules.matcher import HungarianMatcher
+
+
+def make_outputs(b=2, q=6, c=3, seed=0, aux=2):
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        return {"pred_logits": torch.randn(b, q, c + 1, generator=g),
+                "pred_boxes": torch.rand(b, q, 4, generator=g) * 0.4 + 0.1}
+
+    out = one()
+    out["aux_outputs"] = [one() for _ in range(aux)]
+    return out
+
+
+TARGETS = [
+    {"labels": torch.tensor([0, 2, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.2], [0.5, 0.5, 0.1, 0.1]])},
+    {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.6, 0.2, 0.4]])},
+]
+
+
+def test_loss_terms_names_and_aux():
+    losses = SetCriterion(3, HungarianMatcher())(make_outputs(), TARGETS)
+    assert set(losses) == {f"{k}{s}" for k in ("loss_ce", "loss_bbox", "loss_giou") for s in ("", "_0", "_1")}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+
+
+def test_loss_invariant_to_permuting_predictions():
+    out = make_outputs(aux=0)
+    crit = SetCriterion(3, HungarianMatcher())
+    base = crit(out, TARGETS)
+    perm = torch.randperm(out["pred_logits"].shape[1], generator=torch.Generator().manual_seed(1))
+    permuted = {"pred_logits": out["pred_logits"][:, perm], "pred_boxes": out["pred_boxes"][:, perm]}
+    for k, v in crit(permuted, TARGETS).items():
+        assert v.item() == pytest.approx(base[k].item(), rel=1e-5, abs=1e-6)
+
+
+def test_loss_semantics_match_hand_computation():
+    """CE is the eos-weighted mean over all queries; box terms are sums over matches / number of boxes."""
+    out = make_outputs(aux=0)
+    matcher = HungarianMatcher()
+    crit = SetCriterion(3, matcher, eos_coef=0.1)
+    losses = crit(out, TARGETS)
+    idx = matcher(out, TARGETS)
+    target_classes = torch.full((2, 6), 3)
+    num_boxes = 4
+    l1, giou = 0.0, 0.0
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    for b, (src, tgt) in enumerate(idx):
+        target_classes[b, src] = TARGETS[b]["labels"][tgt]
+        pb, tb = out["pred_boxes"][b, src], TARGETS[b]["boxes"][tgt]
+        l1 += (pb - tb).abs().sum().item()
+        giou += (1 - torch.diag(generalized_box_iou(box_convert(pb, "cxcywh", "xyxy"),
+                                                    box_convert(tb, "cxcywh", "xyxy")))).sum().item()
+    w = torch.tensor([1.0, 1.0, 1.0, 0.1])
+    logp = F.log_softmax(out["pred_logits"], -1)
+    nll = -logp.gather(-1, target_classes[..., None])[..., 0]
+    ce = (w[target_classes] * nll).sum() / w[target_classes].sum()
+    assert losses["loss_ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert losses["loss_bbox"].item() == pytest.approx(l1 / num_boxes, rel=1e-5)
+    assert losses["loss_giou"].item() == pytest.approx(giou / num_boxes, rel=1e-5)
+
+
+def test_empty_targets_give_finite_loss_and_gradient():
+    out = make_outputs()
+    for d in [out, *out["aux_outputs"]]:
+        d["pred_logits"].requires_grad_(True)
+        d["pred_boxes"].requires_grad_(True)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)} for _ in range(2)]
+    losses = SetCriterion(3, HungarianMatcher())(out, empty)
+    assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
+    total = weighted_loss(losses, {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2})
+    total.backward()
+    # all queries are pushed towards "no object"
+    assert out["pred_logits"].grad[..., -1].lt(0).all()
+
+
+def test_weighted_loss_applies_base_weights_to_aux_terms():
+    losses = {"loss_ce": torch.tensor(1.0), "loss_ce_0": torch.tensor(2.0), "loss_bbox": torch.tensor(3.0)}
+    assert weighted_loss(losses, {"loss_ce": 2.0, "loss_bbox": 5.0}).item() == pytest.approx(2 + 4 + 15)

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from modules.position import sine_positions_2d, sinusoidal_positions
+from modules.transformer import Seq2SeqTransformer
+
+
+@pytest.fixture(params=[False, True], ids=["post-norm", "pre-norm"])
+def model(request):
+    torch.manual_seed(0)
+    return Seq2SeqTransformer(32, 4, 2, 3, 64, dropout=0.0, norm_first=request.param).eval()
+
+
+def test_decode_returns_every_layer(model):
+    memory = model.encode(torch.randn(2, 7, 32))
+    hs = model.decode(torch.randn(2, 5, 32), memory)
+    assert hs.shape == (3, 2, 5, 32)
+    last = model.decode(torch.randn(2, 5, 32), memory, return_intermediate=False)
+    assert last.shape == (1, 2, 5, 32)
+
+
+def test_encoder_padding_is_ignored(model):
+    src = torch.randn(1, 6, 32)
+    pos = torch.randn(1, 6, 32)
+    alone = model.encode(src, pos)
+    padded_src = torch.cat([src, torch.randn(1, 3, 32)], 1)
+    padded_pos = torch.cat([pos, torch.randn(1, 3, 32)], 1)
+    mask = torch.tensor([[False] * 6 + [True] * 3])
+    memory = model.encode(padded_src, padded_pos, mask)
+    torch.testing.assert_close(memory[:, :6], alone, rtol=1e-4, atol=1e-5)
+    tgt = torch.randn(1, 4, 32)
+    torch.testing.assert_close(
+        model.decode(tgt, memory, memory_pos=padded_pos, memory_padding_mask=mask),
+        model.decode(tgt, alone, memory_pos=pos), rtol=1e-4, atol=1e-5,
+    )
+
+
+def test_causal_mask_hides_the_future(model):
+    memory = model.encode(torch.randn(1, 5, 32))
+    tgt = torch.randn(1, 6, 32)
+    full = model.decode(tgt, memory, is_causal=True)
+    changed = tgt.clone()
+    changed[:, 4:] += 1.0
+    other = model.decode(changed, memory, is_causal=True)
+    torch.testing.assert_close(full[:, :, :4], other[:, :, :4])
+    assert not torch.allclose(full[:, :, 4:], other[:, :, 4:])
+
+
+@pytest.mark.parametrize("every_layer", [False, True])
+def test_cached_decoding_equals_uncached(every_layer):
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(32, 4, 2, 2, 64, dropout=0.0, pos_at_every_layer=every_layer).eval()
+    memory = model.encode(torch.randn(2, 5, 32), sinusoidal_positions(5, 32))
+    tgt = torch.randn(2, 6, 32)
+    pos = sinusoidal_positions(6, 32)
+    full = model.decode(tgt, memory, pos, is_causal=True, return_intermediate=False)[0]
+    cache = model.init_cache()
+    steps = [model.decode(tgt[:, t : t + 1], memory, pos[t : t + 1], cache=cache, is_causal=True,
+                          return_intermediate=False)[0] for t in range(6)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    assert cache[0]["self"]["k"].shape[2] == 6  # one key per decoded position
+    assert cache[0]["cross"]["k"].shape[2] == 5  # encoder keys computed once
+
+
+def test_bad_mask_dtype_is_rejected(model):
+    memory = model.encode(torch.randn(1, 3, 32))
+    with pytest.raises(TypeError, match="bool"):
+        model.decode(torch.randn(1, 2, 32), memory, tgt_mask=torch.zeros(2, 2))
+
+
+def test_sine_positions_ignore_padding():
+    mask = torch.zeros(1, 4, 6, dtype=torch.bool)
+    alone = sine_positions_2d(mask, 16)
+    padded_mask = torch.ones(1, 6, 8, dtype=torch.bool)
+    padded_mask[:, :4, :6] = False
+    padded = sine_positions_2d(padded_mask, 16)
+    assert alone.shape == (1, 4, 6, 16)
+    torch.testing.assert_close(padded[:, :4, :6], alone)
+    assert not torch.allclose(alone[0, 0, 0], alone[0, 0, 1])
