@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from tasks.runtime import (
     ConfigError,
+    close_loggers,
     instantiate_dict,
     register_resolvers,
     register_schema,
@@ -64,8 +65,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     summary = wandb_summary(loggers)
     if summary:
         print(summary)
-    for logger in loggers:
-        logger.finalize("success")
+    close_loggers(loggers)
     return metrics
 
 

@@ -157,5 +157,15 @@ def wandb_summary(loggers: list) -> str | None:
     return None
 
 
+def close_loggers(loggers: list, status: str = "success") -> None:
+    """Finalize every logger; a W&B run is finished so the next run in this process starts fresh."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        logger.finalize(status)
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
