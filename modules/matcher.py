@@ -22,9 +22,9 @@ class HungarianMatcher(nn.Module):
             raise ValueError("all matching costs are 0: the assignment would be arbitrary")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
 
-    def class_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """``[Q, C+1]`` logits, ``[n]`` labels -> ``[Q, n]`` cost (negative class probability)."""
-        return -logits.softmax(-1)[:, labels]
+    def class_scores(self, logits: Tensor) -> Tensor:
+        """``[B, Q, C+1]`` logits -> per-class scores whose negative is the classification cost."""
+        return logits.softmax(-1)
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
@@ -38,6 +38,8 @@ class HungarianMatcher(nn.Module):
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         if logits.shape[0] != len(targets):
             raise ValueError(f"{logits.shape[0]} images of predictions but {len(targets)} targets")
+        scores = self.class_scores(logits)  # [B, Q, C+1], once for the batch
+        boxes_xyxy = box_convert(boxes, "cxcywh", "xyxy")
         indices = []
         for b, t in enumerate(targets):
             n = len(t["labels"])
@@ -46,11 +48,9 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty))
                 continue
             tgt_boxes = t["boxes"].float()
-            cost = self.cost_class * self.class_cost(logits[b], t["labels"])
-            cost = cost + self.cost_bbox * torch.cdist(boxes[b], tgt_boxes, p=1)
-            cost = cost - self.cost_giou * generalized_box_iou(
-                box_convert(boxes[b], "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
-            )
+            cost = -self.cost_class * scores[b][:, t["labels"]]
+            cost += self.cost_bbox * torch.cdist(boxes[b], tgt_boxes, p=1)
+            cost -= self.cost_giou * generalized_box_iou(boxes_xyxy[b], box_convert(tgt_boxes, "cxcywh", "xyxy"))
             cost = cost.cpu()
             if not torch.isfinite(cost).all():
                 raise FloatingPointError(

@@ -35,10 +35,29 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+def fast_bf16_available(accelerator: str = "auto") -> bool:
+    """Whether bf16 matmuls/convolutions run natively here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if accelerator not in ("auto", "cpu"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(accelerator: str = "auto") -> str:
+    """``bf16-mixed`` where bf16 is native and fast, else ``32-true``."""
+    return "bf16-mixed" if fast_bf16_available(accelerator) else "32-true"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mtdetr.root"):
         OmegaConf.register_new_resolver("mtdetr.root", lambda: str(ROOT))
         OmegaConf.register_new_resolver("mtdetr.wandb_offline", lambda: not wandb_has_credentials())
+        OmegaConf.register_new_resolver("mtdetr.auto_precision", auto_precision)
 
 
 @dataclass
@@ -46,7 +65,7 @@ class PathsSchema:
     root_dir: str = str(ROOT)
     data_dir: str = "${paths.root_dir}/data"
     log_dir: str = "${paths.root_dir}/outputs"
-    output_dir: str = "${hydra:runtime.output_dir}"
+    output_dir: str | None = "${hydra:runtime.output_dir}"
     cache_dir: str = "${paths.root_dir}/.cache"
 
 
