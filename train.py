@@ -7,6 +7,8 @@ on the best checkpoint, and say where everything went. Resume with ``ckpt_path=<
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import hydra
@@ -20,6 +22,7 @@ from tasks.runtime import (
     ConfigError,
     close_loggers,
     instantiate_dict,
+    mirror_lightning_logs,
     register_resolvers,
     register_schema,
     resolve_checkpoint,
@@ -29,9 +32,11 @@ from tasks.runtime import (
 
 register_resolvers()
 register_schema()
+log = logging.getLogger("mtdetr")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    mirror_lightning_logs()
     if cfg.float32_matmul_precision:
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     if cfg.seed is not None:
@@ -56,15 +61,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
-    print(f"\nrun folder: {cfg.paths.output_dir}")
+    log.info(f"run folder: {cfg.paths.output_dir}")
     if trainer.checkpoint_callback is not None and cfg.train:
         last = trainer.checkpoint_callback.last_model_path
-        print(f"checkpoints: best={trainer.checkpoint_callback.best_model_path or '-'} last={last or '-'}")
-        if last:
-            print(f"resume with: python train.py task={cfg.task_name} ckpt_path={last}")
+        log.info(f"checkpoints: best={trainer.checkpoint_callback.best_model_path or '-'} last={last or '-'}")
+        if last and os.path.isfile(last):
+            log.info(f"resume with: python train.py task={cfg.task_name} ckpt_path={last}")
     summary = wandb_summary(loggers)
     if summary:
-        print(summary)
+        log.info(summary)
     close_loggers(loggers)
     return metrics
 

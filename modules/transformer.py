@@ -81,7 +81,8 @@ class MultiheadAttention(nn.Module):
         is_causal: bool = False,
         cache: LayerCache | None = None,
         static_kv: bool = False,
-    ) -> Tensor:  # [B, T, D]
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:  # [B, T, D] (and head-averaged weights [B, T, S])
         d, w, b = self.d_model, self.in_proj.weight, self.in_proj.bias
         if static_kv and cache is not None and "k" in cache:
             # cross-attention while decoding step by step: encoder keys/values were computed once
@@ -101,16 +102,27 @@ class MultiheadAttention(nn.Module):
                     k = torch.cat((cache["k"], k), dim=2)
                     v = torch.cat((cache["v"], v), dim=2)
                 cache["k"], cache["v"] = k, v
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and attn_mask is None,
-        )
+        if need_weights:  # explicit softmax: the copy mechanism and guided attention read the weights
+            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+            if is_causal and attn_mask is None:
+                t, s = scores.shape[-2:]
+                attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            probs = scores.softmax(-1)
+            out = F.dropout(probs, self.dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal and attn_mask is None,
+            )
         bsz, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(bsz, t, d))
+        out = self.out_proj(out.transpose(1, 2).reshape(bsz, t, d))
+        return (out, probs.mean(1)) if need_weights else out
 
 
 class FeedForward(nn.Sequential):
@@ -167,7 +179,8 @@ class DecoderLayer(nn.Module):
         is_causal: bool,
         memory_mask: Tensor | None,
         cache: LayerCache | None,
-    ) -> Tensor:
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
@@ -176,11 +189,17 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(qk, qk, x, self_mask, is_causal=is_causal, cache=self_cache)
         tgt = tgt + self.drop1(h) if self.norm_first else self.norm1(tgt + self.drop1(h))
         x = self.norm2(tgt) if self.norm_first else tgt
-        h = self.cross_attn(_with_pos(x, tgt_pos), memory_k, memory, memory_mask, cache=cross_cache, static_kv=True)
+        h = self.cross_attn(
+            _with_pos(x, tgt_pos), memory_k, memory, memory_mask, cache=cross_cache, static_kv=True,
+            need_weights=need_weights,
+        )
+        weights = None
+        if need_weights:
+            h, weights = h
         tgt = tgt + self.drop2(h) if self.norm_first else self.norm2(tgt + self.drop2(h))
         x = self.norm3(tgt) if self.norm_first else tgt
         h = self.ffn(x)
-        return tgt + self.drop3(h) if self.norm_first else self.norm3(tgt + self.drop3(h))
+        return (tgt + self.drop3(h) if self.norm_first else self.norm3(tgt + self.drop3(h))), weights
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -254,7 +273,11 @@ class Seq2SeqTransformer(nn.Module):
         tgt_padding_mask: Tensor | None = None,  # [B, T] bool, True = padding
         is_causal: bool = False,
         return_intermediate: bool = True,
-    ) -> Tensor:  # [L, B, T, D] (L = number of decoder layers, or 1 without intermediates)
+        return_cross_attn: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Decoder hidden states ``[L, B, T, D]`` (L = number of decoder layers, or 1 without
+        intermediates); with ``return_cross_attn`` also the last layer's head-averaged cross-attention
+        weights ``[B, T, S]``."""
         if tgt_pos is not None and not self.pos_at_every_layer:
             tgt, tgt_pos = tgt + tgt_pos, None
         if self.pos_at_every_layer and memory_pos is not None:
@@ -270,9 +293,10 @@ class Seq2SeqTransformer(nn.Module):
         if cache is not None and len(cache) != len(self.decoder_layers):
             raise ValueError("cache has a different number of layers: create it with init_cache()")
         causal_step = is_causal and not (cache is not None and "k" in cache[0].get("self", {}))
-        outputs = []
+        outputs, weights = [], None
+        last = len(self.decoder_layers) - 1
         for i, layer in enumerate(self.decoder_layers):
-            tgt = layer(
+            tgt, weights = layer(
                 tgt,
                 memory_k,
                 memory,
@@ -281,9 +305,9 @@ class Seq2SeqTransformer(nn.Module):
                 causal_step,
                 memory_mask,
                 None if cache is None else cache[i],
+                need_weights=return_cross_attn and i == last,
             )
             if return_intermediate:
                 outputs.append(self.decoder_norm(tgt))
-        if not return_intermediate:
-            return self.decoder_norm(tgt).unsqueeze(0)
-        return torch.stack(outputs)
+        hs = torch.stack(outputs) if return_intermediate else self.decoder_norm(tgt).unsqueeze(0)
+        return (hs, weights) if return_cross_attn else hs

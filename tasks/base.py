@@ -13,12 +13,18 @@ from torch import nn
 CHECKPOINT_KEY = "mtdetr"
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine decay to
-    ``min_lr_ratio`` at ``total_steps`` (constant after warm-up when the total is unknown)."""
+SCHEDULERS = ("cosine", "constant", "inverse_sqrt")
+
+
+def lr_multiplier(name: str, step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
+    """LR multiplier at ``step``: linear warm-up from ~0 to 1 over ``warmup_steps``, then
+    ``cosine``: decay to ``min_lr_ratio`` at ``total_steps`` (constant when the total is unknown);
+    ``inverse_sqrt``: ``sqrt(warmup / step)`` (the Transformer paper's schedule); ``constant``: 1."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if not math.isfinite(total_steps) or total_steps <= warmup_steps:
+    if name == "inverse_sqrt":
+        return math.sqrt(max(warmup_steps, 1) / (step + 1))
+    if name == "constant" or not math.isfinite(total_steps) or total_steps <= warmup_steps:
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -32,7 +38,8 @@ class BaseTask(L.LightningModule):
         lr_backbone: learning rate of the CNN trunk (DETR: 10x lower); 0 freezes it.
         weight_decay, betas: AdamW settings.
         warmup_steps: linear warm-up length in optimizer steps.
-        scheduler: "cosine" (warm-up then cosine decay over the whole run) or "constant" (warm-up only).
+        scheduler: "cosine" (warm-up then cosine decay over the whole run), "inverse_sqrt" (warm-up then
+            1/sqrt(step)) or "constant" (warm-up only).
         min_lr_ratio: final LR as a fraction of the peak for "cosine".
         grad_clip: max global gradient norm (0 or None = no clipping).
     """
@@ -51,8 +58,8 @@ class BaseTask(L.LightningModule):
         grad_clip: float | None = 0.1,
     ) -> None:
         super().__init__()
-        if scheduler not in ("cosine", "constant"):
-            raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         self.lr, self.lr_backbone, self.weight_decay, self.betas = lr, lr_backbone, weight_decay, tuple(betas)
         self.warmup_steps, self.scheduler_name, self.min_lr_ratio = warmup_steps, scheduler, min_lr_ratio
         self.grad_clip = grad_clip
@@ -73,10 +80,10 @@ class BaseTask(L.LightningModule):
                 p.requires_grad_(False)
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         total = float(self.trainer.estimated_stepping_batches) if self.scheduler_name == "cosine" else math.inf
-        warmup, floor = self.warmup_steps, self.min_lr_ratio
+        name, warmup, floor = self.scheduler_name, self.warmup_steps, self.min_lr_ratio
 
         def schedule(step: int) -> float:
-            return warmup_cosine(step, warmup, total, floor)
+            return lr_multiplier(name, step, warmup, total, floor)
 
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}

@@ -186,5 +186,18 @@ def close_loggers(loggers: list, status: str = "success") -> None:
             logger.experiment.finish()
 
 
+def mirror_lightning_logs() -> None:
+    """Send Lightning's messages to the run's ``train.log`` too (Hydra's file handler on the root
+    logger; Lightning's own logger does not propagate to it)."""
+    import logging
+
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in files:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+
+
 def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg

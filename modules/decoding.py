@@ -1,0 +1,561 @@
+"""Decoding strategies for token-to-token models: greedy, beam search, sampling, non-autoregressive.
+
+Plain PyTorch, no Lightning. Every function works on any model with ``TranslationModel``'s interface:
+
+- ``model.encode(src, src_padding_mask) -> memory [B, S, D]``
+- ``model.init_cache() -> cache`` (a list of per-layer dicts of tensors, batch first)
+- ``model.decode(tgt, memory, memory_padding_mask, src, tgt_padding_mask=None, cache=None, offset=0,
+  causal=True, need_attn=False) -> (log_probs [B, T, V], attn)``
+- ``model.predict_length_logits(memory, memory_padding_mask) -> [B, max_length + 1]`` (NAT only)
+- optionally ``model.positions`` (the position table; its length caps the output length).
+
+Conventions shared by the autoregressive strategies (greedy, beam, sample):
+
+- The decoder is fed BOS first. With ``use_cache=True`` (default) step ``t`` feeds only the newest
+  token at ``offset=t`` and the per-layer key/value cache holds the rest; the encoder keys/values for
+  cross-attention are computed once, by the cache's first step. ``use_cache=False`` re-runs the
+  whole prefix every step (same tokens; for tests and benchmarks).
+- Output length: ``max_len = floor(max_len_a * src_len + max_len_b)`` per sentence, where
+  ``src_len`` counts the sentence's non-pad source tokens. ``max_len`` counts output tokens
+  **including EOS**; it is at least 1 and capped by ``max_len_cap`` and by the model's position
+  table. If a hypothesis reaches ``max_len`` without EOS, EOS is forced as its last token, so every
+  output ends with EOS.
+- The pad token is never generated (its log-prob is set to -inf), unless ``pad_id == eos_id``.
+- ``logits_processor(tokens, log_probs) -> log_probs``: ``tokens`` ``[N, t]`` are the tokens generated
+  so far for each of the N live rows (BOS excluded: ``[N, 0]`` at the first step) and ``log_probs``
+  ``[N, V]`` the model's next-token log-probabilities. It runs before the selection (and before the
+  forced EOS, which ignores it); return a new tensor or modify in place. Masking with ``-inf`` is the intended use
+  (e.g. labels already emitted); the result is not renormalised, and beam scores add it up as is.
+- Decoding runs under ``torch.no_grad()`` and does not change the model's mode: call ``model.eval()``
+  first (dropout would make every step random).
+- Rows whose sentence has finished are dropped from the batch (``reorder_cache``), and the loop
+  stops when every sentence has finished.
+
+Outputs of ``greedy_decode``, ``sample_decode``, ``nat_decode`` and ``decode``: ``[B, T]`` token ids
+without BOS, each row ``w1 .. wn EOS pad ..``, ``T`` the longest row.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
+Hypothesis = tuple[Tensor, float]
+
+__all__ = [
+    "LogitsProcessor",
+    "beam_search",
+    "decode",
+    "greedy_decode",
+    "max_lengths",
+    "nat_decode",
+    "pad_hypotheses",
+    "reorder_cache",
+    "sample_decode",
+    "top_k_top_p_filter",
+]
+
+
+# helpers ------------------------------------------------------------------------------------------
+def reorder_cache(cache: Any, index: Tensor) -> Any:
+    """``index_select`` every tensor in ``cache`` (nested lists / tuples / dicts) along dim 0, the batch.
+
+    Dicts and lists are updated in place (the model keeps writing into the same objects) and the
+    cache is returned. Used by beam search (row ``i`` continues beam ``index[i]``) and to drop
+    finished sentences.
+    """
+    if isinstance(cache, Tensor):
+        return cache.index_select(0, index)
+    if isinstance(cache, dict):
+        for key, value in cache.items():
+            cache[key] = reorder_cache(value, index)
+        return cache
+    if isinstance(cache, list):
+        for i, value in enumerate(cache):
+            cache[i] = reorder_cache(value, index)
+        return cache
+    if isinstance(cache, tuple):
+        return tuple(reorder_cache(value, index) for value in cache)
+    return cache
+
+
+def _position_limit(model: Any) -> int | None:
+    positions = getattr(model, "positions", None)
+    return int(positions.shape[0]) if isinstance(positions, Tensor) else None
+
+
+def max_lengths(
+    model: Any,
+    src: Tensor,
+    src_padding_mask: Tensor | None,
+    max_len_a: float,
+    max_len_b: float,
+    max_len_cap: int | None = None,
+) -> Tensor:
+    """Per-sentence output limits ``[B]`` (long, EOS included): ``floor(a * src_len + b)``, at least 1,
+    at most ``max_len_cap`` and the model's position table (a 1e-9 slack absorbs float error, so
+    ``1.1 * 10 + 0`` gives 11)."""
+    if src_padding_mask is None:
+        src_len = torch.full((src.shape[0],), src.shape[1], dtype=torch.float64, device=src.device)
+    else:
+        src_len = (~src_padding_mask).sum(1).to(torch.float64)
+    lengths = torch.floor(max_len_a * src_len + max_len_b + 1e-9).long().clamp_min(1)
+    for cap in (max_len_cap, _position_limit(model)):
+        if cap is not None:
+            lengths = lengths.clamp_max(max(int(cap), 1))
+    return lengths
+
+
+class _Stepper:
+    """Next-token log-probabilities for a batch of prefixes, with or without the KV cache."""
+
+    def __init__(self, model: Any, memory: Tensor, memory_padding_mask: Tensor | None, src: Tensor,
+                 use_cache: bool) -> None:
+        self.model, self.memory, self.mask, self.src = model, memory, memory_padding_mask, src
+        self.cache = model.init_cache() if use_cache else None
+
+    def __call__(self, prefix: Tensor) -> Tensor:  # prefix [N, t+1] (BOS first) -> [N, V] float32
+        if self.cache is not None:
+            step = prefix.shape[1] - 1
+            log_probs, _ = self.model.decode(
+                prefix[:, -1:], self.memory, self.mask, self.src, cache=self.cache, offset=step, causal=True
+            )
+        else:
+            log_probs, _ = self.model.decode(prefix, self.memory, self.mask, self.src, causal=True)
+        return log_probs[:, -1].float()
+
+    def select(self, index: Tensor) -> None:
+        self.memory = self.memory.index_select(0, index)
+        self.src = self.src.index_select(0, index)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+        if self.cache is not None:
+            reorder_cache(self.cache, index)
+
+
+def _prepare(
+    log_probs: Tensor,
+    prefix: Tensor,
+    force_eos: Tensor,
+    eos_id: int,
+    pad_id: int,
+    logits_processor: LogitsProcessor | None,
+) -> Tensor:
+    """Block pad, run the user's processor, force EOS on the rows that reached their limit.
+
+    A forced EOS keeps the model's own EOS log-prob (taken before the processor, which may have
+    banned EOS), so it is always chosen and beam scores stay the model's."""
+    if pad_id != eos_id and 0 <= pad_id < log_probs.shape[-1]:
+        log_probs[:, pad_id] = float("-inf")
+    forcing = bool(force_eos.any())
+    eos = log_probs[:, eos_id].clone() if forcing else None
+    if logits_processor is not None:
+        log_probs = logits_processor(prefix[:, 1:], log_probs)
+    if forcing:
+        log_probs = log_probs.masked_fill(force_eos[:, None], float("-inf"))
+        log_probs[:, eos_id] = torch.where(force_eos, eos, log_probs[:, eos_id])
+    return log_probs
+
+
+def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf every logit outside the ``top_k`` largest (0 = no limit) and outside the nucleus:
+    the smallest set of most likely tokens whose probability reaches ``top_p``. The most likely
+    token is always kept. ``logits`` ``[N, V]``; returns a new tensor."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pad_hypotheses(tokens: list[Tensor], pad_id: int, device: torch.device | None = None) -> Tensor:
+    """Stack 1-D token tensors into ``[B, T]`` padded with ``pad_id`` (T = the longest, at least 1)."""
+    width = max([t.numel() for t in tokens] + [1])
+    if device is None:
+        device = tokens[0].device if tokens else torch.device("cpu")
+    out = torch.full((len(tokens), width), pad_id, dtype=torch.long, device=device)
+    for i, t in enumerate(tokens):
+        out[i, : t.numel()] = t
+    return out
+
+
+# greedy and sampling ------------------------------------------------------------------------------
+def _autoregressive(
+    model: Any,
+    src: Tensor,
+    src_padding_mask: Tensor | None,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_len_a: float,
+    max_len_b: float,
+    max_len_cap: int | None,
+    use_cache: bool,
+    logits_processor: LogitsProcessor | None,
+    choose: Callable[[Tensor], Tensor],  # [N, V] log-probs -> [N] token ids
+) -> Tensor:
+    batch, device = src.shape[0], src.device
+    limits = max_lengths(model, src, src_padding_mask, max_len_a, max_len_b, max_len_cap)
+    longest = int(limits.max()) if batch else 0
+    out = torch.full((batch, max(longest, 1)), pad_id, dtype=torch.long, device=device)
+    if batch == 0:
+        return out[:, :0]
+    memory = model.encode(src, src_padding_mask)
+    stepper = _Stepper(model, memory, src_padding_mask, src, use_cache)
+    active = torch.arange(batch, device=device)  # original row of each live row
+    prefix = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
+    used = 0
+    for step in range(longest):
+        log_probs = stepper(prefix)
+        force = limits[active] <= step + 1
+        log_probs = _prepare(log_probs, prefix, force, eos_id, pad_id, logits_processor)
+        tokens = choose(log_probs)
+        out[active, step] = tokens
+        used = step + 1
+        done = tokens == eos_id
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            active, prefix, tokens = active[keep], prefix[keep], tokens[keep]
+            stepper.select(keep)
+        prefix = torch.cat([prefix, tokens[:, None]], 1)
+    return out[:, :used]
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: Any,
+    src: Tensor,
+    src_padding_mask: Tensor | None,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_len_a: float = 1.2,
+    max_len_b: float = 10,
+    max_len_cap: int | None = None,
+    use_cache: bool = True,
+    logits_processor: LogitsProcessor | None = None,
+) -> Tensor:
+    """Argmax at every step. Returns ``[B, T]`` (no BOS; EOS then pad)."""
+    return _autoregressive(
+        model, src, src_padding_mask, bos_id, eos_id, pad_id, max_len_a, max_len_b, max_len_cap, use_cache,
+        logits_processor, lambda lp: lp.argmax(-1),
+    )
+
+
+@torch.no_grad()
+def sample_decode(
+    model: Any,
+    src: Tensor,
+    src_padding_mask: Tensor | None,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    max_len_a: float = 1.2,
+    max_len_b: float = 10,
+    max_len_cap: int | None = None,
+    use_cache: bool = True,
+    logits_processor: LogitsProcessor | None = None,
+) -> Tensor:
+    """Ancestral sampling from ``softmax(log_probs / temperature)`` after top-k and nucleus (top-p)
+    filtering (the most likely token always survives). ``temperature=0`` is the argmax; ``top_k=1``
+    or a tiny ``top_p`` give greedy decoding. ``generator`` (on ``src``'s device) makes runs
+    repeatable. Returns ``[B, T]`` (no BOS; EOS then pad)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+
+    def choose(log_probs: Tensor) -> Tensor:
+        if temperature == 0:
+            return log_probs.argmax(-1)
+        logits = top_k_top_p_filter(log_probs / temperature, top_k, top_p)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+    return _autoregressive(
+        model, src, src_padding_mask, bos_id, eos_id, pad_id, max_len_a, max_len_b, max_len_cap, use_cache,
+        logits_processor, choose,
+    )
+
+
+def _length_normalised(total: float, length: int, length_penalty: float) -> float:
+    """The beam-search score of a hypothesis with summed log-prob ``total`` and ``length`` tokens."""
+    return total / math.pow(length, length_penalty)
+
+
+# beam search --------------------------------------------------------------------------------------
+@torch.no_grad()
+def beam_search(
+    model: Any,
+    src: Tensor,
+    src_padding_mask: Tensor | None,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    beam_size: int = 5,
+    length_penalty: float = 1.0,
+    n_best: int = 1,
+    max_len_a: float = 1.2,
+    max_len_b: float = 10,
+    max_len_cap: int | None = None,
+    use_cache: bool = True,
+    early_stopping: bool = True,
+    logits_processor: LogitsProcessor | None = None,
+) -> list[list[Hypothesis]]:
+    """Batched beam search (``B * beam_size`` decoder rows).
+
+    Scoring (fairseq style): a finished hypothesis of ``n`` output tokens (EOS included) scores
+    ``sum(log_probs) / n ** length_penalty``; live beams are ranked by their raw sum. Each step takes
+    the ``2K`` best (beam, token) extensions of each sentence (K = ``beam_size``); an extension ending
+    in EOS is a finished hypothesis if it ranks among the first K, and the first K extensions not
+    ending in EOS are the next beams. At ``max_len`` EOS is forced, which finishes every live beam.
+
+    A sentence stops when any of:
+      - ``early_stopping=True`` and it has K finished hypotheses (fairseq's rule; it makes
+        ``beam_size=1`` identical to greedy decoding);
+      - it has ``n_best`` finished hypotheses and no live beam can beat the ``n_best``-th of them:
+        future log-probs are <= 0, so a live beam with sum ``c`` can at best score ``c / L **
+        length_penalty`` with L its largest possible length (``max_len``) when ``length_penalty >
+        0``, its smallest otherwise (this assumes the processor keeps log-probs <= 0);
+      - ``max_len`` (every beam is finished) or no live beam has a finite score.
+    With ``early_stopping=False`` only the last two apply: the result is the exact n-best of what
+    the beam explores.
+
+    Returns, per sentence, up to ``n_best`` ``(tokens, score)`` pairs, best first; ``tokens`` is 1-D
+    (no BOS, ending with EOS).
+    """
+    if beam_size < 1 or not 1 <= n_best <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size, got {beam_size}, {n_best}")
+    batch, device, k = src.shape[0], src.device, beam_size
+    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    if batch == 0:
+        return results
+    limits = max_lengths(model, src, src_padding_mask, max_len_a, max_len_b, max_len_cap)
+    limits_list = limits.tolist()
+    memory = model.encode(src, src_padding_mask)
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    mask = None if src_padding_mask is None else src_padding_mask.index_select(0, rows)
+    stepper = _Stepper(model, memory.index_select(0, rows), mask, src.index_select(0, rows), use_cache)
+
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # one live beam at the start: the others would only duplicate it
+    prefix = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
+    sentences = torch.arange(batch, device=device)  # original index of each live sentence
+    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
+    eos = torch.tensor([eos_id], dtype=torch.long, device=device)
+
+    for step in range(int(limits.max())):
+        live = sentences.numel()
+        log_probs = stepper(prefix)
+        force = (limits[sentences] <= step + 1).repeat_interleave(k)
+        log_probs = _prepare(log_probs, prefix, force, eos_id, pad_id, logits_processor)
+        vocab = log_probs.shape[-1]
+        candidates = (scores[:, :, None] + log_probs.view(live, k, vocab)).view(live, k * vocab)
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # sorted, best first
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        is_eos = top_token == eos_id
+
+        # finished hypotheses: EOS extensions among the first K
+        first = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
+        for i, j in first.nonzero().tolist():
+            sent = int(sentences[i])
+            row = i * k + int(top_beam[i, j])
+            tokens = torch.cat([prefix[row, 1:], eos])
+            score = _length_normalised(float(top_scores[i, j]), tokens.numel(), length_penalty)
+            finished[sent].append((score, tokens))
+
+        # next beams: the first K extensions that do not end in EOS
+        width = top_scores.shape[1]
+        rank = is_eos.long() * width + torch.arange(width, device=device)
+        order = rank.argsort(dim=1)[:, :k]
+        next_beam = top_beam.gather(1, order)
+        next_token = top_token.gather(1, order)
+        next_score = top_scores.gather(1, order)
+
+        # which sentences are done
+        best_live = next_score[:, 0].tolist()
+        done = []
+        for i, sent in enumerate(sentences.tolist()):
+            hyps = finished[sent]
+            limit = limits_list[sent]
+            stop = step + 1 >= limit or best_live[i] == float("-inf")
+            stop = stop or (early_stopping and len(hyps) >= k)
+            if not stop and len(hyps) >= n_best:
+                nth = sorted((s for s, _ in hyps), reverse=True)[n_best - 1]
+                length = limit if length_penalty > 0 else step + 2
+                stop = nth >= _length_normalised(best_live[i], length, length_penalty)
+            done.append(stop)
+        keep = ~torch.tensor(done, dtype=torch.bool, device=device)
+        if not bool(keep.any()):
+            break
+        select = (torch.arange(live, device=device)[:, None] * k + next_beam)[keep].view(-1)
+        prefix = torch.cat([prefix.index_select(0, select), next_token[keep].view(-1, 1)], 1)
+        scores = next_score[keep]
+        sentences = sentences[keep]
+        stepper.select(select)
+
+    for sent, hyps in enumerate(finished):
+        hyps.sort(key=lambda h: h[0], reverse=True)
+        results[sent] = [(tokens, score) for score, tokens in hyps[:n_best]]
+    return results
+
+
+# non-autoregressive -------------------------------------------------------------------------------
+@torch.no_grad()
+def nat_decode(
+    model: Any,
+    src: Tensor,
+    src_padding_mask: Tensor | None,
+    mask_id: int,
+    eos_id: int,
+    pad_id: int,
+    iterations: int = 1,
+    length_beam: int = 1,
+    append_eos: bool = True,
+    return_scores: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Non-autoregressive decoding with mask-predict refinement (Ghazvininejad et al., 2019).
+
+    The length head (``model.predict_length_logits``) gives the target length ``L`` (the number of
+    target tokens, BOS and EOS excluded; at least 1): its ``length_beam`` most likely lengths are
+    all decoded and the candidate with the best mean token log-probability wins. The decoder reads
+    ``L`` copies of ``mask_id`` (longer rows of the batch padded and hidden by ``tgt_padding_mask``)
+    without a causal mask and every position takes its argmax; pad, EOS and the mask token are never
+    predicted. For ``iterations = T > 1``, iteration ``i = 1 .. T-1`` re-masks the ``n = floor(L *
+    (T - i) / T)`` least confident tokens, re-predicts them in one parallel pass and updates their
+    tokens and probabilities (the others keep theirs).
+
+    Returns ``[B, T]`` tokens (``w1 .. wL``, then EOS when ``append_eos``, then pad); with
+    ``return_scores`` also the mean log-probability ``[B]`` of each output's tokens (the confidence
+    mask-predict tracks).
+    """
+    if iterations < 1 or length_beam < 1:
+        raise ValueError(f"need iterations >= 1 and length_beam >= 1, got {iterations}, {length_beam}")
+    batch, device = src.shape[0], src.device
+    memory = model.encode(src, src_padding_mask)
+    length_logits = model.predict_length_logits(memory, src_padding_mask)[:, 1:]  # lengths 1..M
+    limit = _position_limit(model)
+    if limit is not None:
+        length_logits = length_logits[:, :limit]
+    beam = min(length_beam, length_logits.shape[1])
+    lengths = (length_logits.topk(beam, dim=1).indices + 1).view(-1)  # [B * beam]
+
+    rows = torch.arange(batch, device=device).repeat_interleave(beam)
+    memory, src_rows = memory.index_select(0, rows), src.index_select(0, rows)
+    mask = None if src_padding_mask is None else src_padding_mask.index_select(0, rows)
+    width = int(lengths.max()) if lengths.numel() else 1
+    padding = torch.arange(width, device=device)[None, :] >= lengths[:, None]  # [N, W]
+
+    def predict(tokens: Tensor) -> tuple[Tensor, Tensor]:
+        log_probs, _ = model.decode(tokens, memory, mask, src_rows, tgt_padding_mask=padding, causal=False)
+        log_probs = log_probs.float().clone()
+        for banned in {pad_id, eos_id, mask_id}:
+            if 0 <= banned < log_probs.shape[-1]:
+                log_probs[..., banned] = float("-inf")
+        best, token = log_probs.max(-1)
+        return token, best
+
+    tokens = torch.full(padding.shape, mask_id, dtype=torch.long, device=device).masked_fill(padding, pad_id)
+    tokens, confidence = predict(tokens)
+    for i in range(1, iterations):
+        n = torch.div(lengths * (iterations - i), iterations, rounding_mode="floor")  # [N]
+        if not bool((n > 0).any()):
+            break
+        ranked = confidence.masked_fill(padding, float("inf")).argsort(dim=1)  # least confident first
+        remask = torch.zeros_like(padding).scatter(
+            1, ranked, torch.arange(width, device=device)[None, :] < n[:, None]
+        )
+        new_tokens, new_conf = predict(tokens.masked_fill(remask, mask_id).masked_fill(padding, pad_id))
+        tokens = torch.where(remask, new_tokens, tokens)
+        confidence = torch.where(remask, new_conf, confidence)
+
+    tokens = tokens.masked_fill(padding, pad_id)
+    score = confidence.masked_fill(padding, 0.0).sum(1) / lengths.float()  # mean log-prob [N]
+    best = score.view(batch, beam).argmax(1)
+    pick = torch.arange(batch, device=device) * beam + best
+    tokens, lengths, score = tokens[pick], lengths[pick], score[pick]
+    out_width = int(lengths.max()) + int(append_eos) if batch else 0
+    out = torch.full((batch, out_width), pad_id, dtype=torch.long, device=device)
+    out[:, : tokens.shape[1]] = tokens[:, :out_width]
+    if append_eos and batch:
+        out[torch.arange(batch, device=device), lengths] = eos_id
+    return (out, score) if return_scores else out
+
+
+# dispatcher ---------------------------------------------------------------------------------------
+STRATEGIES: dict[str, Callable[..., Any]] = {
+    "greedy": greedy_decode,
+    "beam": beam_search,
+    "sample": sample_decode,
+    "nat": nat_decode,
+}
+_FIXED = {"model", "src", "src_padding_mask", "bos_id", "eos_id", "pad_id", "mask_id"}
+
+
+def _settings_of(fn: Callable[..., Any]) -> set[str]:
+    return set(inspect.signature(fn).parameters) - _FIXED
+
+
+def decode(
+    model: Any,
+    strategy: str,
+    src: Tensor,
+    src_padding_mask: Tensor | None,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    mask_id: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """Run ``strategy`` (greedy | beam | sample | nat) with a plain dict of settings.
+
+    ``settings`` holds the strategy's keyword arguments (e.g. ``{"beam_size": 4, "max_len_b": 20}``).
+    A config may keep the knobs of every strategy in one dict: keys that belong to another strategy
+    are ignored, unknown keys raise ``ValueError`` (typos), and a ``"strategy"`` key must match
+    ``strategy``. Returns ``[B, T]`` padded tokens (no BOS, EOS then pad); beam search gives each
+    sentence's best hypothesis, ``nat`` needs ``mask_id``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown decoding strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    settings = dict(settings or {})
+    named = settings.pop("strategy", strategy)
+    if named != strategy:
+        raise ValueError(f"settings name strategy {named!r} but {strategy!r} was asked for")
+    known = set().union(*(_settings_of(fn) for fn in STRATEGIES.values()))
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown decoding settings {unknown}; known: {sorted(known)}")
+    fn = STRATEGIES[strategy]
+    kwargs = {key: value for key, value in settings.items() if key in _settings_of(fn)}
+    if strategy == "nat":
+        if mask_id is None:
+            raise ValueError("strategy 'nat' needs mask_id")
+        kwargs.pop("return_scores", None)
+        return nat_decode(model, src, src_padding_mask, mask_id, eos_id, pad_id, **kwargs)
+    out = fn(model, src, src_padding_mask, bos_id, eos_id, pad_id, **kwargs)
+    if strategy == "beam":
+        best = [hyps[0][0] if hyps else torch.tensor([eos_id], device=src.device) for hyps in out]
+        return pad_hypotheses(best, pad_id, src.device)
+    return out
+

@@ -1,0 +1,236 @@
+"""Machine translation on the shared Transformer: teacher forcing, label smoothing, BLEU, decoding suite."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.text import SacreBLEUScore
+
+from modules.decoding import decode as run_decoding
+from modules.translation import TranslationModel, guided_attention_loss, label_smoothed_nll, shift_right
+
+from .base import BaseTask
+
+
+def tokenizer_from_json(text: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(text)
+
+
+class TranslationTask(BaseTask):
+    """Seq2seq translation.
+
+    Args:
+        model: the ``model`` config group: :class:`modules.translation.TranslationModel` arguments plus
+            ``mode`` ("autoregressive" or "nat") and ``decoding`` (settings of
+            :func:`modules.decoding.decode`: strategy greedy|beam|sample|nat, beam_size, ...).
+        data_info: from the data module: vocab_size, special ids and the tokenizer (``tokenizer_json``).
+        label_smoothing: epsilon of the label-smoothed cross entropy.
+        scheduled_sampling_max_prob: scheduled sampling against exposure bias (two-pass variant): the
+            probability of feeding the model's own prediction instead of the gold token rises
+            linearly from 0 to this value over ``scheduled_sampling_ramp_steps`` (0 = off).
+        guided_attention_weight, guided_attention_sigma: weight of the loss that pushes the last
+            decoder layer's cross-attention toward a monotonic (diagonal) alignment (0 = off).
+        nat_length_weight: weight of the target-length loss in the non-autoregressive mode.
+        num_samples: source / reference / hypothesis rows logged each validation.
+    """
+
+    task_name = "translation"
+
+    def __init__(
+        self,
+        model: dict,
+        data_info: dict,
+        label_smoothing: float = 0.1,
+        scheduled_sampling_max_prob: float = 0.0,
+        scheduled_sampling_ramp_steps: int = 10000,
+        guided_attention_weight: float = 0.0,
+        guided_attention_sigma: float = 0.2,
+        nat_length_weight: float = 0.1,
+        num_samples: int = 8,
+        **optim,
+    ) -> None:
+        super().__init__(**optim)
+        self.save_hyperparameters()
+        model = dict(model)
+        self.mode = model.pop("mode", "autoregressive")
+        if self.mode not in ("autoregressive", "nat"):
+            raise ValueError(f"model.mode must be 'autoregressive' or 'nat', got {self.mode!r}")
+        self.decoding = dict(model.pop("decoding", None) or {"strategy": "greedy"})
+        if self.mode == "nat":
+            self.decoding["strategy"] = "nat"
+        self.data_info = data_info
+        self.pad_id, self.bos_id, self.eos_id = data_info["pad_id"], data_info["bos_id"], data_info["eos_id"]
+        self.mask_id = data_info.get("mask_id", data_info.get("unk_id", 3))
+        self.model = TranslationModel(vocab_size=data_info["vocab_size"], pad_id=self.pad_id, **model)
+        self.tokenizer = tokenizer_from_json(data_info["tokenizer_json"]) if "tokenizer_json" in data_info else None
+        self.label_smoothing = label_smoothing
+        self.ss_max_prob, self.ss_ramp = scheduled_sampling_max_prob, scheduled_sampling_ramp_steps
+        self.ga_weight, self.ga_sigma = guided_attention_weight, guided_attention_sigma
+        self.nat_length_weight, self.num_samples = nat_length_weight, num_samples
+        self.val_bleu, self.test_bleu = SacreBLEUScore(tokenize="13a"), SacreBLEUScore(tokenize="13a")
+        self.val_nll, self.test_nll = MeanMetric(), MeanMetric()  # token-weighted: perplexity per target token
+        self._samples: list[list[str]] = []
+
+    # training -------------------------------------------------------------------------------------
+    def scheduled_sampling_prob(self) -> float:
+        if self.ss_max_prob <= 0:
+            return 0.0
+        return self.ss_max_prob * min(1.0, self.global_step / max(self.ss_ramp, 1))
+
+    def _mix_in_predictions(self, batch: dict, tgt_in: Tensor, prob: float) -> Tensor:
+        """Two-pass scheduled sampling: a teacher-forced pass without gradient predicts every
+        position; each gold decoder input (after BOS) is replaced by the prediction for that position
+        with probability ``prob``."""
+        with torch.no_grad():
+            out = self.model(batch["src"], batch["src_padding_mask"], tgt_in, batch["tgt_padding_mask"][:, :-1])
+            predicted = out["log_probs"].argmax(-1)  # prediction for position t+1 given gold prefix
+        replace = torch.rand(tgt_in.shape, device=tgt_in.device) < prob
+        replace[:, 0] = False  # keep BOS
+        replace &= tgt_in != self.pad_id
+        mixed = tgt_in.clone()
+        mixed[:, 1:] = torch.where(replace[:, 1:], predicted[:, :-1], tgt_in[:, 1:])
+        return mixed
+
+    def _nat_inputs(self, labels: Tensor, label_pad: Tensor) -> tuple[Tensor, Tensor]:
+        """Conditional masked LM inputs: a random number (1..L) of target tokens replaced by <mask>.
+        Returns the decoder input and the positions the loss is computed on."""
+        lengths = (~label_pad).sum(1)
+        scores = torch.rand(labels.shape, device=labels.device).masked_fill(label_pad, 2.0)
+        n_mask = (torch.rand(lengths.shape, device=labels.device) * lengths).long().clamp_min(0) + 1
+        n_mask = torch.minimum(n_mask, lengths)
+        order = scores.argsort(1).argsort(1)  # rank of each position's score
+        masked = order < n_mask[:, None]
+        inputs = labels.masked_fill(masked, self.mask_id).masked_fill(label_pad, self.pad_id)
+        return inputs, masked
+
+    def _losses(self, batch: dict, train: bool) -> dict[str, Tensor]:
+        src, src_mask, tgt, tgt_mask = batch["src"], batch["src_padding_mask"], batch["tgt"], batch["tgt_padding_mask"]
+        tgt_in, labels = shift_right(tgt)
+        in_mask, label_pad = tgt_mask[:, :-1], tgt_mask[:, 1:]
+        need_attn = self.ga_weight > 0
+        losses: dict[str, Tensor] = {}
+        if self.mode == "nat":
+            nat_in, masked = self._nat_inputs(labels, label_pad)
+            memory = self.model.encode(src, src_mask)
+            log_probs, attn = self.model.decode(nat_in, memory, src_mask, src, label_pad, causal=False,
+                                                need_attn=need_attn)
+            target = labels.masked_fill(~masked, self.pad_id) if train else labels
+            loss, nll = label_smoothed_nll(log_probs, target, self.label_smoothing, self.pad_id)
+            length_logits = self.model.predict_length_logits(memory, src_mask)
+            lengths = (~label_pad).sum(1).clamp_max(self.model.max_length)
+            losses["length"] = torch.nn.functional.cross_entropy(length_logits, lengths)
+            loss = loss + self.nat_length_weight * losses["length"]
+            attn_mask = label_pad
+        else:
+            prob = self.scheduled_sampling_prob() if train else 0.0
+            if prob > 0:
+                tgt_in = self._mix_in_predictions(batch, tgt_in, prob)
+            out = self.model(src, src_mask, tgt_in, in_mask, need_attn=need_attn)
+            log_probs, attn = out["log_probs"], out.get("cross_attn")
+            loss, nll = label_smoothed_nll(log_probs, labels, self.label_smoothing, self.pad_id)
+            attn_mask = in_mask
+            if train and self.ss_max_prob > 0:
+                losses["scheduled_sampling_prob"] = torch.tensor(prob)
+        if need_attn:
+            losses["guided_attention"] = guided_attention_loss(attn, attn_mask, src_mask, self.ga_sigma)
+            loss = loss + self.ga_weight * losses["guided_attention"]
+        losses["loss"], losses["nll"] = loss, nll
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self._losses(batch, train=True)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at global step {self.global_step}. Lower the learning rate; "
+                "the last good checkpoint is in the run's checkpoints/ folder."
+            )
+        bs = batch["src"].shape[0]
+        ntok = (~batch["tgt_padding_mask"][:, 1:]).sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/ppl", torch.exp(losses["nll"].detach().clamp_max(50)), batch_size=bs)
+        self.log("train/tokens", ntok.float(), reduce_fx="sum", batch_size=bs)
+        for k, v in losses.items():
+            if k not in ("loss", "nll"):
+                self.log(f"train/{k}", v, batch_size=bs)
+        return loss
+
+    # evaluation -----------------------------------------------------------------------------------
+    def translate_ids(self, src: Tensor, src_padding_mask: Tensor, **overrides) -> list[list[int]]:
+        """Decode a batch with the configured strategy; returns token ids without specials."""
+        settings = {**self.decoding, **overrides}
+        out = run_decoding(
+            self.model, src, src_padding_mask, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
+            mask_id=self.mask_id, **settings,
+        )
+        special = {self.pad_id, self.bos_id, self.eos_id}
+        result = []
+        for row in out:
+            ids = []
+            for t in row.tolist():
+                if t == self.eos_id:
+                    break
+                if t not in special:
+                    ids.append(t)
+            result.append(ids)
+        return result
+
+    def translate(self, sentences: list[str], **overrides) -> list[str]:
+        """Translate raw sentences with the tokenizer stored in the checkpoint."""
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer (data_info['tokenizer_json'])")
+        # the tokenizer carries the data's whitespace/unicode normaliser, so raw text goes in as is
+        ids = [self.tokenizer.encode(s, add_special_tokens=False).ids + [self.eos_id]
+               for s in sentences]
+        width = max(len(x) for x in ids)
+        src = torch.full((len(ids), width), self.pad_id, dtype=torch.long, device=self.device)
+        for i, x in enumerate(ids):
+            src[i, : len(x)] = torch.tensor(x)
+        self.eval()
+        with torch.inference_mode():
+            out = self.translate_ids(src, src == self.pad_id, **overrides)
+        return [self.tokenizer.decode(x) for x in out]
+
+    def _eval_step(self, batch: dict, metric: SacreBLEUScore, prefix: str) -> None:
+        losses = self._losses(batch, train=False)
+        bs = batch["src"].shape[0]
+        ntok = (~batch["tgt_padding_mask"][:, 1:]).sum().float()
+        self.log(f"{prefix}/loss", losses["loss"], batch_size=bs, sync_dist=True)
+        (self.val_nll if prefix == "val" else self.test_nll).update(losses["nll"].detach(), ntok)
+        hyps = [self.tokenizer.decode(x) if self.tokenizer else " ".join(map(str, x))
+                for x in self.translate_ids(batch["src"], batch["src_padding_mask"])]
+        refs = list(batch["tgt_text"])
+        metric.update(hyps, [[r] for r in refs])
+        if prefix == "val" and len(self._samples) < self.num_samples:
+            for s, r, h in zip(batch["src_text"], refs, hyps):
+                if len(self._samples) < self.num_samples:
+                    self._samples.append([s, r, h])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_bleu, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_bleu, "test")
+
+    def _log_epoch(self, metric: SacreBLEUScore, nll: MeanMetric, prefix: str) -> None:
+        self.log(f"{prefix}/BLEU", metric.compute() * 100, prog_bar=True)
+        self.log(f"{prefix}/ppl", torch.exp(nll.compute().clamp_max(50)), prog_bar=True)
+        metric.reset()
+        nll.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch(self.val_bleu, self.val_nll, "val")
+        if self._samples and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            for logger in self.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_text(key="val/samples", columns=["source", "reference", "hypothesis"],
+                                    data=self._samples, step=self.global_step)
+        self._samples = []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch(self.test_bleu, self.test_nll, "test")
+
