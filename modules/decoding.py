@@ -21,11 +21,13 @@ Conventions shared by the autoregressive strategies (greedy, beam, sample):
   table. If a hypothesis reaches ``max_len`` without EOS, EOS is forced as its last token, so every
   output ends with EOS.
 - The pad token is never generated (its log-prob is set to -inf), unless ``pad_id == eos_id``.
-- ``logits_processor(tokens, log_probs) -> log_probs``: ``tokens`` ``[N, t]`` are the tokens generated
-  so far for each of the N live rows (BOS excluded: ``[N, 0]`` at the first step) and ``log_probs``
-  ``[N, V]`` the model's next-token log-probabilities. It runs before the selection (and before the
-  forced EOS, which ignores it); return a new tensor or modify in place. Masking with ``-inf`` is the intended use
-  (e.g. labels already emitted); the result is not renormalised, and beam scores add it up as is.
+- ``logits_processor(tokens, log_probs) -> log_probs``: ``tokens`` ``[N, t]`` are the tokens
+  generated so far by each of the N live rows (sentences still running; sentences x beams in beam
+  search), BOS excluded (``[N, 0]`` at the first step); ``log_probs`` ``[N, V]`` are the model's
+  next-token log-probabilities (pad already at -inf). It runs before the selection; return a new
+  tensor or modify this one in place. Masking with ``-inf`` is the intended use (e.g. labels
+  already emitted); the result is not renormalised and beam scores add it up as is. A forced EOS
+  (at ``max_len``) overrides it and keeps the model's own EOS log-prob.
 - Decoding runs under ``torch.no_grad()`` and does not change the model's mode: call ``model.eval()``
   first (dropout would make every step random).
 - Rows whose sentence has finished are dropped from the batch (``reorder_cache``), and the loop
@@ -376,13 +378,14 @@ def beam_search(
         is_eos = top_token == eos_id
 
         # finished hypotheses: EOS extensions among the first K
-        first = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
-        for i, j in first.nonzero().tolist():
-            sent = int(sentences[i])
-            row = i * k + int(top_beam[i, j])
-            tokens = torch.cat([prefix[row, 1:], eos])
-            score = _length_normalised(float(top_scores[i, j]), tokens.numel(), length_penalty)
-            finished[sent].append((score, tokens))
+        live_sentences = sentences.tolist()
+        first = (is_eos[:, :k] & torch.isfinite(top_scores[:, :k])).nonzero().tolist()
+        if first:  # one transfer to the host for all of them
+            first_beam, first_score = top_beam[:, :k].tolist(), top_scores[:, :k].tolist()
+            for i, j in first:
+                tokens = torch.cat([prefix[i * k + first_beam[i][j], 1:], eos])
+                score = _length_normalised(first_score[i][j], tokens.numel(), length_penalty)
+                finished[live_sentences[i]].append((score, tokens))
 
         # next beams: the first K extensions that do not end in EOS
         width = top_scores.shape[1]
@@ -395,7 +398,7 @@ def beam_search(
         # which sentences are done
         best_live = next_score[:, 0].tolist()
         done = []
-        for i, sent in enumerate(sentences.tolist()):
+        for i, sent in enumerate(live_sentences):
             hyps = finished[sent]
             limit = limits_list[sent]
             stop = step + 1 >= limit or best_live[i] == float("-inf")
@@ -436,18 +439,22 @@ def nat_decode(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Non-autoregressive decoding with mask-predict refinement (Ghazvininejad et al., 2019).
 
-    The length head (``model.predict_length_logits``) gives the target length ``L`` (the number of
-    target tokens, BOS and EOS excluded; at least 1): its ``length_beam`` most likely lengths are
-    all decoded and the candidate with the best mean token log-probability wins. The decoder reads
-    ``L`` copies of ``mask_id`` (longer rows of the batch padded and hidden by ``tgt_padding_mask``)
-    without a causal mask and every position takes its argmax; pad, EOS and the mask token are never
-    predicted. For ``iterations = T > 1``, iteration ``i = 1 .. T-1`` re-masks the ``n = floor(L *
-    (T - i) / T)`` least confident tokens, re-predicts them in one parallel pass and updates their
-    tokens and probabilities (the others keep theirs).
+    The length head (``model.predict_length_logits``) gives the number ``L`` (at least 1) of decoder
+    positions: its ``length_beam`` most likely lengths are all decoded and the candidate with the
+    best mean token log-probability wins. The decoder reads ``L`` copies of ``mask_id`` (longer rows
+    of the batch padded and hidden by ``tgt_padding_mask``) without a causal mask and every position
+    takes its argmax (pad and the mask token are never predicted). For ``iterations = T > 1``,
+    iteration ``i = 1 .. T-1`` re-masks the ``n = floor(L * (T - i) / T)`` least confident tokens,
+    re-predicts them in one parallel pass and updates their tokens and probabilities (the others
+    keep theirs).
 
-    Returns ``[B, T]`` tokens (``w1 .. wL``, then EOS when ``append_eos``, then pad); with
-    ``return_scores`` also the mean log-probability ``[B]`` of each output's tokens (the confidence
-    mask-predict tracks).
+    Either target convention works: ``L`` counting the target's final EOS (the model predicts
+    ``w1 .. EOS``) or not (``w1 .. wL``). With ``append_eos`` (default) each row keeps its tokens up
+    to its first EOS and gets EOS appended if it has none, so rows read ``w1 .. wn EOS pad ..`` like
+    the autoregressive outputs; without it the ``L`` raw predictions are returned, then pad.
+
+    Returns ``[B, T]`` tokens; with ``return_scores`` also the mean log-probability ``[B]`` of each
+    candidate's ``L`` tokens (the confidence that mask-predict tracks and that picks the length).
     """
     if iterations < 1 or length_beam < 1:
         raise ValueError(f"need iterations >= 1 and length_beam >= 1, got {iterations}, {length_beam}")
@@ -469,7 +476,7 @@ def nat_decode(
     def predict(tokens: Tensor) -> tuple[Tensor, Tensor]:
         log_probs, _ = model.decode(tokens, memory, mask, src_rows, tgt_padding_mask=padding, causal=False)
         log_probs = log_probs.float().clone()
-        for banned in {pad_id, eos_id, mask_id}:
+        for banned in {pad_id, mask_id} - {eos_id}:
             if 0 <= banned < log_probs.shape[-1]:
                 log_probs[..., banned] = float("-inf")
         best, token = log_probs.max(-1)
@@ -494,11 +501,18 @@ def nat_decode(
     best = score.view(batch, beam).argmax(1)
     pick = torch.arange(batch, device=device) * beam + best
     tokens, lengths, score = tokens[pick], lengths[pick], score[pick]
-    out_width = int(lengths.max()) + int(append_eos) if batch else 0
-    out = torch.full((batch, out_width), pad_id, dtype=torch.long, device=device)
-    out[:, : tokens.shape[1]] = tokens[:, :out_width]
-    if append_eos and batch:
-        out[torch.arange(batch, device=device), lengths] = eos_id
+    if batch == 0:
+        out = tokens[:, :0]
+    elif not append_eos:
+        out = tokens[:, : int(lengths.max())]
+    else:
+        out = torch.full((batch, int(lengths.max()) + 1), pad_id, dtype=torch.long, device=device)
+        out[:, : out.shape[1] - 1] = tokens[:, : out.shape[1] - 1]
+        position = torch.arange(out.shape[1], device=device)[None, :]
+        is_eos = (out == eos_id) & (position < lengths[:, None])
+        end = torch.where(is_eos.any(1), is_eos.long().argmax(1), lengths)  # first EOS, else after L
+        out[torch.arange(batch, device=device), end] = eos_id
+        out = out.masked_fill(position > end[:, None], pad_id)[:, : int(end.max()) + 1]
     return (out, score) if return_scores else out
 
 
@@ -518,36 +532,50 @@ def _settings_of(fn: Callable[..., Any]) -> set[str]:
 
 def decode(
     model: Any,
-    strategy: str,
-    src: Tensor,
-    src_padding_mask: Tensor | None,
+    strategy: str | Tensor,
+    src: Tensor | None = None,
+    src_padding_mask: Tensor | None = None,
+    /,
     *,
     bos_id: int,
     eos_id: int,
     pad_id: int,
     mask_id: int | None = None,
     settings: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> Tensor:
-    """Run ``strategy`` (greedy | beam | sample | nat) with a plain dict of settings.
+    """Run a strategy (greedy | beam | sample | nat) from plain settings; returns ``[B, T]`` tokens.
 
-    ``settings`` holds the strategy's keyword arguments (e.g. ``{"beam_size": 4, "max_len_b": 20}``).
+    Two call forms:
+
+    - ``decode(model, "beam", src, src_padding_mask, bos_id=.., eos_id=.., pad_id=..,
+      settings={"beam_size": 4})``
+    - ``decode(model, src, src_padding_mask, bos_id=.., eos_id=.., pad_id=.., mask_id=..,
+      **config)`` with ``config = {"strategy": "beam", "beam_size": 4, ...}`` (as ``TranslationTask``
+      calls it; ``strategy`` defaults to greedy).
+
+    ``settings`` and the extra keyword ``options`` (which win) are the strategy's keyword arguments.
     A config may keep the knobs of every strategy in one dict: keys that belong to another strategy
-    are ignored, unknown keys raise ``ValueError`` (typos), and a ``"strategy"`` key must match
-    ``strategy``. Returns ``[B, T]`` padded tokens (no BOS, EOS then pad); beam search gives each
-    sentence's best hypothesis, ``nat`` needs ``mask_id``.
+    are ignored, unknown keys raise ``ValueError`` (typos), and a ``strategy`` key must agree with a
+    positional strategy. Output: no BOS, each row ``w1 .. wn EOS pad ..``; beam search gives each
+    sentence's best hypothesis; ``nat`` needs ``mask_id``.
     """
+    merged = {**dict(settings or {}), **options}
+    if isinstance(strategy, Tensor):  # second form: decode(model, src, src_padding_mask, ...)
+        strategy, src, src_padding_mask = merged.pop("strategy", "greedy"), strategy, src
+    elif merged.get("strategy", strategy) != strategy:
+        raise ValueError(f"settings name strategy {merged['strategy']!r} but {strategy!r} was asked for")
+    merged.pop("strategy", None)
+    if src is None:
+        raise TypeError("decode() needs the source tokens")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown decoding strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    settings = dict(settings or {})
-    named = settings.pop("strategy", strategy)
-    if named != strategy:
-        raise ValueError(f"settings name strategy {named!r} but {strategy!r} was asked for")
     known = set().union(*(_settings_of(fn) for fn in STRATEGIES.values()))
-    unknown = sorted(set(settings) - known)
+    unknown = sorted(set(merged) - known)
     if unknown:
         raise ValueError(f"unknown decoding settings {unknown}; known: {sorted(known)}")
     fn = STRATEGIES[strategy]
-    kwargs = {key: value for key, value in settings.items() if key in _settings_of(fn)}
+    kwargs = {key: value for key, value in merged.items() if key in _settings_of(fn)}
     if strategy == "nat":
         if mask_id is None:
             raise ValueError("strategy 'nat' needs mask_id")
@@ -558,4 +586,3 @@ def decode(
         best = [hyps[0][0] if hyps else torch.tensor([eos_id], device=src.device) for hyps in out]
         return pad_hypotheses(best, pad_id, src.device)
     return out
-

@@ -287,16 +287,31 @@ def test_decode_dispatcher():
     assert torch.equal(decode(model, "greedy", src, mask, **common, settings=settings), greedy)
     beam = decode(model, "beam", src, mask, **common, settings={"beam_size": 1, "max_len_b": 5})
     assert torch.equal(beam, greedy)
-    sample = decode(model, "sample", src, mask, **common, settings={"top_k": 1, "max_len_b": 5})
+    sample = decode(model, "sample", src, mask, **common, settings={"top_k": 1}, max_len_b=5)
     assert torch.equal(sample, greedy)
     nat = decode(model, "nat", src, mask, **common, settings={"iterations": 2})
     assert nat.shape[0] == 4
+    assert_well_formed(nat)
     with pytest.raises(ValueError, match="unknown decoding settings"):
         decode(model, "greedy", src, mask, **common, settings={"beam_szie": 4})
     with pytest.raises(ValueError, match="unknown decoding strategy"):
         decode(model, "viterbi", src, mask, **common)
     with pytest.raises(ValueError, match="mask_id"):
         decode(model, "nat", src, mask, **ids)
+    with pytest.raises(ValueError, match="asked for"):
+        decode(model, "beam", src, mask, **ids, settings={"strategy": "greedy"})
+
+
+def test_decode_dispatcher_with_the_config_as_keywords():
+    """``TranslationTask.translate_ids`` form: source first, the whole config (strategy included) as
+    keyword arguments."""
+    model = tiny_model(seed=9)
+    src, mask = source(seed=9)
+    greedy = greedy_decode(model, src, mask, **ids, max_len_b=5)
+    config = {"strategy": "beam", "beam_size": 1, "max_len_b": 5, "top_p": 0.9}
+    assert torch.equal(decode(model, src, mask, **ids, mask_id=MASK, **config), greedy)
+    assert torch.equal(decode(model, src, mask, **ids, max_len_b=5), greedy)  # greedy by default
+    assert decode(model, src, mask, **ids, mask_id=MASK, strategy="nat").shape[0] == 4
 
 
 # learning -----------------------------------------------------------------------------------------
@@ -436,7 +451,50 @@ def test_nat_decode_on_an_untrained_model_is_well_formed():
     src, mask = source(seed=10)
     out, scores = nat_decode(model, src, mask, MASK, EOS, PAD, iterations=3, length_beam=2, return_scores=True)
     assert_well_formed(out)
-    assert not bool(((out == MASK)).any())
+    assert not bool((out == MASK).any())
     assert out.shape[1] <= 12 + 1 and scores.shape == (4,)
-    plain = nat_decode(model, src, mask, MASK, EOS, PAD, append_eos=False)
-    assert EOS not in plain.tolist()[0]
+    raw = nat_decode(model, src, mask, MASK, EOS, PAD, iterations=3, length_beam=2, append_eos=False)
+    assert raw.shape[1] <= 12
+    for row, raw_row in zip(out, raw.tolist()):
+        kept = strip(row)[:-1]
+        assert raw_row[: len(kept)] == kept
+
+
+class StubNAT:
+    """A fake model with TranslationModel's interface: the length head says ``lengths`` and the
+    decoder always predicts ``wanted`` (confidence falling along the sequence); records the number
+    of mask tokens in each decoder input row."""
+
+    def __init__(self, lengths, wanted, vocab=10):
+        self.lengths, self.wanted, self.vocab, self.masked = lengths, wanted, vocab, []
+
+    def encode(self, src, mask):
+        return src.float()[..., None]
+
+    def predict_length_logits(self, memory, mask):
+        return F.one_hot(torch.tensor(self.lengths), 20).float() * 10
+
+    def decode(self, tokens, memory, mask, src, tgt_padding_mask=None, causal=True, **_):
+        assert not causal and tokens.shape == tgt_padding_mask.shape
+        self.masked.append((tokens == MASK).sum(1).tolist())
+        width = tokens.shape[1]
+        logits = F.one_hot(torch.tensor(self.wanted)[:, :width], self.vocab).float()
+        logits = logits * torch.linspace(8, 4, width)[None, :, None]
+        return logits.log_softmax(-1), None
+
+
+def test_nat_decode_cuts_at_eos_or_appends_it():
+    """Works whether the length head counts the target's EOS (the model predicts ``.. EOS``) or not."""
+    stub = StubNAT([4, 3], [[5, 6, EOS, 7], [5, 6, 7, 8]])
+    src = torch.ones(2, 3, dtype=torch.long)
+    assert nat_decode(stub, src, None, MASK, EOS, PAD).tolist() == [[5, 6, EOS, PAD], [5, 6, 7, EOS]]
+    raw = nat_decode(stub, src, None, MASK, EOS, PAD, append_eos=False)
+    assert raw.tolist() == [[5, 6, EOS, 7], [5, 6, 7, PAD]]
+
+
+def test_mask_predict_remasks_the_scheduled_number_of_tokens():
+    stub = StubNAT([4, 3], [[5, 6, 7, 8], [5, 6, 7, 8]])
+    out = nat_decode(stub, torch.ones(2, 3, dtype=torch.long), None, MASK, EOS, PAD, iterations=4)
+    # first pass: everything masked; then n = floor(L * (T - i) / T) for i = 1, 2, 3
+    assert stub.masked == [[4, 3], [3, 2], [2, 1], [1, 0]]
+    assert out.tolist() == [[5, 6, 7, 8, EOS], [5, 6, 7, EOS, PAD]]

@@ -35,6 +35,7 @@ def test_log_probs_are_normalised(copy):
     torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
 def test_copy_gate_closed_gives_the_attention_scattered_onto_source_ids():
     model = tiny_model(copy=True)
     with torch.no_grad():
@@ -86,6 +87,7 @@ def test_step_by_step_decoding_with_cache_matches_teacher_forcing(copy):
 
 # cross-attention weights --------------------------------------------------------------------------
 @pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
+@torch.no_grad()
 def test_cross_attention_sums_to_one_over_real_source_and_is_zero_on_padding(norm_first):
     model = tiny_model(norm_first=norm_first)
     src, src_mask, tgt, tgt_mask = batch(2)
