@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from tasks.runtime import (
     ConfigError,
+    callbacks_for,
     close_loggers,
     instantiate_dict,
     mirror_lightning_logs,
@@ -47,8 +48,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     task = instantiate(cfg.task, model=to_plain(cfg.model), data_info=datamodule.data_info)
-    callbacks = instantiate_dict(cfg.callbacks)
     loggers = instantiate_dict(cfg.logger, id=wandb_id)
+    callbacks = callbacks_for(instantiate_dict(cfg.callbacks), loggers)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(to_plain(cfg))

@@ -153,6 +153,15 @@ def instantiate_dict(cfg: DictConfig | None, **extra: Any) -> list[Any]:
     return objects
 
 
+def callbacks_for(callbacks: list, loggers: list) -> list:
+    """Drop callbacks that only feed a logger (LR monitor) when the run has no logger (``logger=none``)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    if loggers:
+        return callbacks
+    return [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+
+
 def _target_params(target: str) -> set[str]:
     import importlib
     import inspect

@@ -1,0 +1,90 @@
+"""TranslationTask end to end on the shipped Multi30k (first few pairs), tiny model, CPU."""
+
+from __future__ import annotations
+
+import sacrebleu
+import torch
+from torchmetrics.text import SacreBLEUScore
+
+from tasks.translation import TranslationTask
+from train import train
+
+TINY = [
+    "task=translation",
+    "model.d_model=32",
+    "model.nhead=4",
+    "model.num_encoder_layers=1",
+    "model.num_decoder_layers=1",
+    "model.dim_feedforward=64",
+    "model.max_length=64",
+    "data.vocab_size=400",
+    "data.max_train_examples=48",
+    "data.max_eval_examples=16",
+    "data.max_tokens=512",
+    "model.decoding.max_len_b=5",
+    "model.decoding.max_len_a=0.5",
+]
+
+
+def test_fast_dev_run_translation(make_cfg):
+    metrics = train(make_cfg(*TINY, "trainer.fast_dev_run=true", "logger=csv", tiny=False))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert {"val/BLEU", "val/ppl", "test/BLEU", "test/ppl"} <= set(metrics)
+
+
+def test_translation_variants_run(make_cfg):
+    """Each optional technique trains and evaluates: NAT + mask-predict, copy + guided attention +
+    scheduled sampling, beam search, sampling."""
+    for extra in (
+        ["model.mode=nat", "model.decoding.iterations=2"],
+        ["model.copy=true", "task.guided_attention_weight=0.5", "task.scheduled_sampling_max_prob=0.5",
+         "task.scheduled_sampling_ramp_steps=1", "model.decoding.strategy=beam", "model.decoding.beam_size=3"],
+        ["model.decoding.strategy=sample", "model.decoding.top_p=0.9", "model.decoding.top_k=5"],
+    ):
+        metrics = train(make_cfg(*TINY, *extra, "trainer.fast_dev_run=2", "logger=none", "test=false", tiny=False))
+        assert torch.isfinite(torch.tensor(metrics["train/loss"])), extra
+
+
+def test_checkpoint_translates_without_the_data_module(make_cfg, tmp_path):
+    cfg = make_cfg(*TINY, "logger=none", "trainer.max_epochs=1", "trainer.limit_val_batches=1", "test=false",
+                   tiny=False)
+    train(cfg)
+    path = tmp_path / "outputs" / "detection" / "run1" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["mtdetr"]["task"] == "translation" and "tokenizer_json" in ckpt["hyper_parameters"]["data_info"]
+    task = TranslationTask.load_from_checkpoint(path, weights_only=True)
+    out = task.translate(["A man\u00a0in a  blue shirt.", "Two dogs play."])
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    beam = task.translate(["A man in a blue shirt."], strategy="beam", beam_size=2)
+    assert len(beam) == 1
+
+
+def test_scheduled_sampling_mixes_predictions_at_the_scheduled_rate(make_cfg):
+    task = TranslationTask(
+        model={"d_model": 16, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
+               "dim_feedforward": 32, "dropout": 0.0},
+        data_info={"vocab_size": 50, "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "mask_id": 4},
+        scheduled_sampling_max_prob=0.5, scheduled_sampling_ramp_steps=100,
+    )
+    assert task.scheduled_sampling_prob() == 0.0  # global_step 0: pure teacher forcing
+    g = torch.Generator().manual_seed(0)
+    tgt = torch.randint(5, 50, (64, 12), generator=g)
+    tgt[:, 0] = 1
+    batch = {"src": torch.randint(5, 50, (64, 10), generator=g), "src_padding_mask": torch.zeros(64, 10, dtype=torch.bool),
+             "tgt": tgt, "tgt_padding_mask": torch.zeros(64, 12, dtype=torch.bool)}
+    tgt_in = tgt[:, :-1]
+    torch.manual_seed(0)
+    mixed = task._mix_in_predictions(batch, tgt_in, 0.5)
+    assert torch.equal(mixed[:, 0], tgt_in[:, 0])
+    changed = (mixed[:, 1:] != tgt_in[:, 1:]).float().mean().item()
+    assert 0.3 < changed < 0.6  # about half replaced (a replacement may coincide with the gold token)
+    assert torch.equal(task._mix_in_predictions(batch, tgt_in, 0.0), tgt_in)
+
+
+def test_bleu_metric_matches_sacrebleu():
+    hyps = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest."]
+    refs = ["Ein Mann fährt ein Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch."]
+    metric = SacreBLEUScore(tokenize="13a")
+    metric.update(hyps, [[r] for r in refs])
+    expected = sacrebleu.corpus_bleu(hyps, [refs]).score
+    assert abs(float(metric.compute()) * 100 - expected) < 1e-3
