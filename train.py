@@ -17,7 +17,9 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
+from datamodules.coco import DataError
 from tasks.runtime import (
     ConfigError,
     callbacks_for,
@@ -79,7 +81,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ConfigError, InstantiationException) as e:
+    except MissingMandatoryValue as e:  # a ??? in the config that the command line did not fill
+        sys.exit(f"error: missing mandatory value {e.full_key} — set it on the command line, e.g. {e.full_key}=...")
+    except (ConfigError, InstantiationException, DataError) as e:  # user mistakes: no traceback
         sys.exit(f"error: {e}")
 
 
