@@ -52,8 +52,11 @@ from modules.translation import TranslationModel, label_smoothed_nll, shift_righ
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 HF_IGNORE = -100  # HF's label value for "no loss here"
 IMPLS = ("ours", "marian")
-DECODE_RUNS = (("ours", "greedy"), ("ours", "greedy_nocache"), ("ours", "beam"), ("marian", "greedy"),
-               ("marian", "beam"))
+# each comparison back to back, so that a change in machine load hits both sides alike
+DECODE_RUNS = (("ours", "greedy"), ("marian", "greedy"), ("ours", "beam"), ("marian", "beam"),
+               ("ours", "greedy_nocache"))
+DECODE_RUNS_MARIAN_FIRST = (("marian", "greedy"), ("ours", "greedy"), ("marian", "beam"), ("ours", "beam"),
+                            ("ours", "greedy_nocache"))
 PRECISIONS = ("fp32", "bf16")
 # optimisation as configs/task/translation.yaml (the LR schedule is left out: its cost is nil)
 LR, WEIGHT_DECAY, BETAS, GRAD_CLIP = 1e-3, 1e-4, (0.9, 0.98), 1.0
@@ -441,11 +444,22 @@ def spawn(args: argparse.Namespace, job: str, data_path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median_of(results: list[dict], key: str, **match) -> float | None:
+    """Median of ``key`` over the repeats of one (what, impl, [mode,] precision)."""
+    values = [r[key] for r in results if "error" not in r and all(r.get(k) == v for k, v in match.items())]
+    return statistics.median(values) if values else None
+
+
 def ratios(results: list[dict]) -> dict:
-    ok = [r for r in results if "error" not in r]
+    """ours / Marian, each side's median over the repeats."""
     out: dict = {}
     for precision in PRECISIONS:
-        train = {r["impl"]: r for r in ok if r["what"] == "train" and r["precision"] == precision}
+        train = {}
+        for impl in IMPLS:
+            keys = ("train_tokens_per_s", "train_step_ms", "peak_mem_above_start_mib")
+            values = [_median_of(results, k, what="train", impl=impl, precision=precision) for k in keys]
+            if None not in values:
+                train[impl] = dict(zip(keys, values))
         if "ours" in train and "marian" in train:
             o, m = train["ours"], train["marian"]
             out[f"train_{precision}"] = {
@@ -454,8 +468,12 @@ def ratios(results: list[dict]) -> dict:
                 "peak_mem_above_start_ours_over_marian": round(
                     o["peak_mem_above_start_mib"] / max(m["peak_mem_above_start_mib"], 1e-9), 3),
             }
-        dec = {(r["impl"], r["mode"]): r["decode_sentences_per_s"] for r in ok
-               if r["what"] == "decode" and r["precision"] == precision}
+        dec = {}
+        for impl, mode in DECODE_RUNS:
+            v = _median_of(results, "decode_sentences_per_s", what="decode", impl=impl, mode=mode,
+                           precision=precision)
+            if v is not None:
+                dec[impl, mode] = v
         pairs = {
             "greedy_ours_over_marian": (("ours", "greedy"), ("marian", "greedy")),
             "greedy_nocache_ours_over_marian_greedy": (("ours", "greedy_nocache"), ("marian", "greedy")),
@@ -473,23 +491,27 @@ def print_table(results: list[dict], rat: dict) -> None:
     train = [r for r in results if r["what"] == "train"]
     dec = [r for r in results if r["what"] == "decode"]
     if train:
-        print(f"{'train':>15} {'prec':>5} {'tok/s':>10} {'step ms':>10} {'peak MiB':>9} {'first loss':>10}", file=err)
+        print(f"{'train':>15} {'prec':>5} {'rep':>3} {'tok/s':>10} {'step ms':>10} {'peak MiB':>9} "
+              f"{'first loss':>10}", file=err)
         for r in train:
             name = r["impl"]
             if "error" in r:
-                print(f"{name:>15} {r['precision']:>5}  FAILED: {r['error'].splitlines()[-1]}", file=err)
+                print(f"{name:>15} {r['precision']:>5} {r['repeat']:>3}  FAILED: {r['error'].splitlines()[-1]}",
+                      file=err)
                 continue
-            print(f"{name:>15} {r['precision']:>5} {r['train_tokens_per_s']:>10} {r['train_step_ms']:>10} "
-                  f"{r['peak_mem_mib']:>9} {r['first_loss']!s:>10}", file=err)
+            print(f"{name:>15} {r['precision']:>5} {r['repeat']:>3} {r['train_tokens_per_s']:>10} "
+                  f"{r['train_step_ms']:>10} {r['peak_mem_mib']:>9} {r['first_loss']!s:>10}", file=err)
     if dec:
-        print(f"{'decode':>22} {'prec':>5} {'sent/s':>8} {'batch ms':>10} {'out tok':>8} {'at limit':>8}", file=err)
+        print(f"{'decode':>22} {'prec':>5} {'rep':>3} {'sent/s':>8} {'batch ms':>10} {'out tok':>8} "
+              f"{'at limit':>8}", file=err)
         for r in dec:
             name = f"{r['impl']} {r['mode']}"
             if "error" in r:
-                print(f"{name:>22} {r['precision']:>5}  FAILED: {r['error'].splitlines()[-1]}", file=err)
+                print(f"{name:>22} {r['precision']:>5} {r['repeat']:>3}  FAILED: {r['error'].splitlines()[-1]}",
+                      file=err)
                 continue
-            print(f"{name:>22} {r['precision']:>5} {r['decode_sentences_per_s']:>8} {r['decode_batch_ms']:>10} "
-                  f"{r['output_tokens']:>8} {r['all_outputs_at_limit']!s:>8}", file=err)
+            print(f"{name:>22} {r['precision']:>5} {r['repeat']:>3} {r['decode_sentences_per_s']:>8} "
+                  f"{r['decode_batch_ms']:>10} {r['output_tokens']:>8} {r['all_outputs_at_limit']!s:>8}", file=err)
     for key, values in rat.items():
         print(f"{key}: " + ", ".join(f"{k} {v}" for k, v in values.items()), file=err)
 
@@ -504,6 +526,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32",
                    help="comma list of fp32, bf16 (bf16: torch.autocast('cpu', bfloat16) for both models)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every measurement N times (odd repeats Marian first); ratios use the medians")
     p.add_argument("--marian-attn", default="sdpa", choices=["sdpa", "eager"],
                    help="Marian's attention implementation (ours always uses SDPA)")
     p.add_argument("--marian-match", action=argparse.BooleanOptionalAction, default=True,
@@ -521,8 +545,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.steps = 1, 2
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeat < 1:
+        p.error("--steps and --repeat must be >= 1 and --warmup >= 0")
     args.what = [x for x in args.what.split(",") if x]
     args.precision = [x for x in args.precision.split(",") if x]
     for x in args.what:
@@ -548,19 +572,23 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()  # before the runs: the load average says whether the machine was idle
     setting = SETTINGS[args.setting]
     jobs = []
-    for precision in args.precision:
-        if "train" in args.what:
-            jobs += [f"train:{impl}:{precision}" for impl in IMPLS]
-        if "decode" in args.what:
-            jobs += [f"decode:{impl}:{mode}:{precision}" for impl, mode in DECODE_RUNS]
+    for repeat in range(args.repeat):
+        # odd repeats run Marian first: a drift in machine load then does not favour one side
+        impls = IMPLS if repeat % 2 == 0 else IMPLS[::-1]
+        runs = DECODE_RUNS if repeat % 2 == 0 else DECODE_RUNS_MARIAN_FIRST
+        for precision in args.precision:
+            if "train" in args.what:
+                jobs += [(repeat, f"train:{impl}:{precision}") for impl in impls]
+            if "decode" in args.what:
+                jobs += [(repeat, f"decode:{impl}:{mode}:{precision}") for impl, mode in runs]
     with tempfile.TemporaryDirectory(prefix="translation_speed-") as tmp:
         data_path = Path(tmp) / "batches.pt"
         print("[bench] preparing data ...", file=sys.stderr, flush=True)
         data_stats = prepare_data(setting, args, data_path)
         results = []
-        for job in jobs:
-            print(f"[bench] {job} ...", file=sys.stderr, flush=True)
-            results.append(spawn(args, job, data_path))
+        for repeat, job in jobs:
+            print(f"[bench] {job} (repeat {repeat}) ...", file=sys.stderr, flush=True)
+            results.append({**spawn(args, job, data_path), "repeat": repeat})
     rat = ratios(results)
     marian_kwargs = marian_config_kwargs(setting, data_stats["vocab_size"], args)
     doc = {
@@ -570,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             "setting": args.setting,
             **asdict(setting),
             "what": args.what, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
-            "quick": args.quick, "seed": args.seed,
+            "repeat": args.repeat, "quick": args.quick, "seed": args.seed,
             "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": list(BETAS),
                           "grad_clip": GRAD_CLIP},
             "ours": {"norm_first": True, "activation": "relu", "tie_embeddings": True,
