@@ -266,10 +266,11 @@ def train_inputs(impl: str, batch: dict) -> dict:
 
 def forward_log_probs(impl: str, model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(log-probs [B, T, V], labels [B, T], ignore index) of one teacher-forced pass."""
-    if impl == "ours":  # as TranslationTask._losses: the decoder gets the target padding mask too
+    if impl == "ours":  # as TranslationTask._losses: causal mask only, vocabulary projection on real targets
         tgt_in, labels = shift_right(inputs["tgt"])
-        out = model(inputs["src"], inputs["src_padding_mask"], tgt_in, inputs["tgt_padding_mask"][:, :-1])
-        return out["log_probs"], labels, PAD_ID
+        keep = ~inputs["tgt_padding_mask"][:, 1:]
+        out = model(inputs["src"], inputs["src_padding_mask"], tgt_in, None, select=keep)
+        return out["log_probs"], labels[keep], PAD_ID
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                 decoder_input_ids=inputs["decoder_input_ids"], use_cache=False, return_dict=True)
     # the same float32 log-softmax our model applies to its logits
@@ -602,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": list(BETAS),
                           "grad_clip": GRAD_CLIP},
             "ours": {"norm_first": True, "activation": "relu", "tie_embeddings": True,
-                     "decoder_gets_tgt_padding_mask": True},
+                     "decoder_gets_tgt_padding_mask": False, "vocab_projection_on_real_targets_only": True},
             "marian_config": {**marian_kwargs, "attn_implementation": args.marian_attn},
             "decode_length_rule": (f"every sentence of a batch gets max_new_tokens = max over the batch of "
                                    f"floor({MAX_LEN_A} * src_len + {MAX_LEN_B}); EOS banned before, forced at it"),

@@ -98,8 +98,13 @@ class TranslationModel(nn.Module):
         offset: int = 0,
         causal: bool = True,
         need_attn: bool = False,
+        select: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Log-probabilities ``[B, T, V]`` and (when asked, or with copy) cross-attention ``[B, T, S]``."""
+        """Log-probabilities ``[B, T, V]`` and (when asked, or with copy) cross-attention ``[B, T, S]``.
+
+        ``select`` (bool ``[B, T]``): return log-probabilities ``[N, V]`` of the selected positions only
+        (training: the non-pad targets), so the largest matmul, the vocabulary projection, skips padding.
+        """
         want_attn = need_attn or self.copy_gate is not None
         out = self.transformer.decode(
             self.embed_tokens(tgt, offset), memory, memory_padding_mask=memory_padding_mask,
@@ -108,7 +113,10 @@ class TranslationModel(nn.Module):
         )
         h, attn = out if want_attn else (out, None)
         h = h[0]
-        return self.log_probs(h, attn, memory, src), attn
+        if select is not None and self.copy_gate is None:
+            return self.output(h[select]).float().log_softmax(-1), attn
+        log_probs = self.log_probs(h, attn, memory, src)
+        return (log_probs[select] if select is not None else log_probs), attn
 
     def log_probs(self, h: Tensor, attn: Tensor | None, memory: Tensor, src: Tensor) -> Tensor:
         logits = self.output(h).float()
@@ -139,11 +147,14 @@ class TranslationModel(nn.Module):
         tgt_padding_mask: Tensor | None = None,
         causal: bool = True,
         need_attn: bool = False,
+        select: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Teacher-forced pass: ``log_probs`` [B, T, V], ``cross_attn`` [B, T, S] (if asked), ``memory``."""
+        """Teacher-forced pass: ``log_probs`` [B, T, V] (or [N, V] for the ``select``ed positions),
+        ``cross_attn`` [B, T, S] (if asked), ``memory``."""
         memory = self.encode(src, src_padding_mask)
         log_probs, attn = self.decode(
-            tgt_in, memory, src_padding_mask, src, tgt_padding_mask, causal=causal, need_attn=need_attn
+            tgt_in, memory, src_padding_mask, src, tgt_padding_mask, causal=causal, need_attn=need_attn,
+            select=select,
         )
         out = {"log_probs": log_probs, "memory": memory}
         if attn is not None:

@@ -86,7 +86,7 @@ class TranslationTask(BaseTask):
         position; each gold decoder input (after BOS) is replaced by the prediction for that position
         with probability ``prob``."""
         with torch.no_grad():
-            out = self.model(batch["src"], batch["src_padding_mask"], tgt_in, batch["tgt_padding_mask"][:, :-1])
+            out = self.model(batch["src"], batch["src_padding_mask"], tgt_in, None)
             predicted = out["log_probs"].argmax(-1)  # prediction for position t+1 given gold prefix
         replace = torch.rand(tgt_in.shape, device=tgt_in.device) < prob
         replace[:, 0] = False  # keep BOS
@@ -129,9 +129,13 @@ class TranslationTask(BaseTask):
             prob = self.scheduled_sampling_prob() if train else 0.0
             if prob > 0:
                 tgt_in = self._mix_in_predictions(batch, tgt_in, prob)
-            out = self.model(src, src_mask, tgt_in, in_mask, need_attn=need_attn)
+            # No target padding mask: under the causal mask a real position never sees the padding
+            # after it, and padded positions are not scored (``select``), so SDPA's causal fast path
+            # applies and the vocabulary projection runs on real tokens only.
+            keep = ~label_pad
+            out = self.model(src, src_mask, tgt_in, None, need_attn=need_attn, select=keep)
             log_probs, attn = out["log_probs"], out.get("cross_attn")
-            loss, nll = label_smoothed_nll(log_probs, labels, self.label_smoothing, self.pad_id)
+            loss, nll = label_smoothed_nll(log_probs, labels[keep], self.label_smoothing, self.pad_id)
             attn_mask = in_mask
             if train and self.ss_max_prob > 0:
                 losses["scheduled_sampling_prob"] = torch.tensor(prob)
