@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 import torch.utils.flop_counter as flop_counter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from benchmarks.common import cpu_model, emit_json, max_rss_mib  # noqa: E402
 from benchmarks.reference_detr import (  # noqa: E402
     ReferenceCriterion,
     build_reference_detr,
@@ -81,20 +81,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def max_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device) -> dict:
@@ -522,11 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": speedups,
         "speedup_detail": detail,
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_json(doc, args.out)
     print_table(results, speedups)
     return 1 if any("error" in r for r in results) else 0
 

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ if str(ROOT) not in sys.path:  # runnable without PYTHONPATH
 
 import torch  # noqa: E402
 
+from benchmarks.common import cpu_model, emit_json, max_rss_mib  # noqa: E402
 from modules.decoding import beam_search, greedy_decode  # noqa: E402
 from modules.translation import TranslationModel, label_smoothed_nll, shift_right  # noqa: E402
 
@@ -86,20 +86,8 @@ SETTINGS = {"T1": Setting(8000, 256, 4, 3, 3, 1024, 0.1, 4096, 128, 0.1, 256, 64
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def max_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def version_of(package: str) -> str | None:
@@ -612,11 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "ratios": rat,
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_json(doc, args.out)
     print_table(results, rat)
     return 1 if any("error" in r for r in results) else 0
 
