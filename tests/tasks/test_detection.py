@@ -78,3 +78,42 @@ def test_predictions_map_back_to_file_category_ids(tmp_path):
     assert set(gt["labels"].tolist()) <= {1, 2, 3}
     h, w = t["orig_size"].tolist()
     assert gt["boxes"][:, 2].max() <= w + 1e-3 and gt["boxes"][:, 3].max() <= h + 1e-3
+
+
+def test_evaluation_against_the_json_uses_the_files_category_ids(tmp_path):
+    """Perfect predictions, made in contiguous label space, score mAP 1 against the *file's* boxes and
+    (non-contiguous, unordered) category ids — and 0 if the label -> id mapping were the identity."""
+    from tests.datamodules.test_coco import write_coco
+
+    cats = [{"id": 90, "name": "zebra", "supercategory": "x"}, {"id": 7, "name": "cat", "supercategory": "x"}]
+    images = [("a.png", 100, 80), ("b.png", 60, 90)]
+    anns = [(1, 90, [10.0, 20.0, 30.0, 40.0]), (1, 7, [50.0, 10.0, 40.0, 60.0]), (2, 7, [5.0, 5.0, 10.0, 20.0])]
+    write_coco(tmp_path, images, anns, "train.json", categories=cats)
+    write_coco(tmp_path, images, anns, "val.json", categories=cats, write_images=False)
+    dm = CocoDataModule(str(tmp_path), batch_size=2, num_workers=0, train_scales=[64], val_scale=64, max_size=100)
+    dm.setup("fit")
+    assert dm.data_info["category_ids"] == [7, 90]
+    batch = next(iter(dm.val_dataloader()))
+    task = DetectionTask(model=SMALL, data_info=dm.data_info)
+    q, c = SMALL["num_queries"], dm.data_info["num_classes"]
+    logits, boxes = torch.full((2, q, c + 1), -10.0), torch.full((2, q, 4), 0.5)
+    logits[..., -1] = 10.0  # unused queries: no object
+    for b, t in enumerate(batch["targets"]):
+        n = len(t["labels"])
+        boxes[b, :n] = t["boxes"]
+        logits[b, torch.arange(n), t["labels"]] = 10.0
+        logits[b, :n, -1] = -10.0
+    preds = task.predictions({"pred_logits": logits, "pred_boxes": boxes}, batch["targets"])
+    by_image = {1: [], 2: []}
+    for image_id, cat, (x, y, w, h) in anns:
+        by_image[image_id].append((cat, [x, y, x + w, y + h]))
+    gts = [{"labels": torch.tensor([c for c, _ in by_image[int(t["image_id"])]]),
+            "boxes": torch.tensor([bx for _, bx in by_image[int(t["image_id"])]])} for t in batch["targets"]]
+
+    def score(mapping):
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        metric.update([{**p, "labels": mapping(p["labels"])} for p in preds], gts)
+        return float(metric.compute()["map"])
+
+    assert score(lambda labels: task.category_ids[labels]) > 0.99
+    assert score(lambda labels: labels) < 0.01
