@@ -57,7 +57,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(to_plain(cfg))
 
     if cfg.train:
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit after saving
+            summary = wandb_summary(loggers)
+            close_loggers(loggers, "interrupted")
+            log.info(f"interrupted; resume with: python train.py task={cfg.task_name} ckpt_path=last")
+            if summary:
+                log.info(summary)
+            raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.train else ckpt_path
