@@ -72,6 +72,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
+    if not trainer.is_global_zero:  # DDP: the other processes stay quiet
+        close_loggers(loggers)
+        return metrics
     log.info(f"run folder: {cfg.paths.output_dir}")
     if trainer.checkpoint_callback is not None and cfg.train:
         last = trainer.checkpoint_callback.last_model_path

@@ -122,9 +122,9 @@ class DetectionTask(BaseTask):
         for key, name in names.items():
             value = result[key].float()
             if key in ("map", "map_50", "map_75"):  # always logged (-1 = no ground truth -> 0)
-                self.log(f"{prefix}/{name}", value.clamp(min=0.0), prog_bar=key != "map_75")
+                self.log(f"{prefix}/{name}", value.clamp(min=0.0), prog_bar=key != "map_75", sync_dist=True)
             elif value >= 0:  # -1: no object of that size in this split
-                self.log(f"{prefix}/{name}", value)
+                self.log(f"{prefix}/{name}", value, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_map(self.val_map, "val")

@@ -93,3 +93,26 @@ def test_missing_data_root_is_explained(make_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train(make_cfg("data=coco", f"data.root={tmp_path / 'nowhere'}", "logger=none", tiny=False))
 
+
+
+def test_ddp_cpu_two_processes(tmp_path):
+    """`trainer=ddp_cpu`: two gloo processes train, validate and write one set of checkpoints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "trainer=ddp_cpu", "logger=csv", "trainer.max_epochs=1",
+           "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.num_train=32", "data.num_val=8",
+           "data.image_size=64", "data.batch_size=4", "model.d_model=32", "model.nhead=4", "model.num_encoder_layers=1",
+           "model.num_decoder_layers=1", "model.dim_feedforward=64", "test=false", f"paths.log_dir={tmp_path}",
+           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", "callbacks.progress_bar.refresh_rate=0"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "train_ddp_process_1.log").is_file()  # the second process really ran
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert proc.stdout.count("run folder:") + proc.stderr.count("run folder:") == 1  # rank 0 only
