@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
 
 class HungarianMatcher(nn.Module):
@@ -26,6 +26,25 @@ class HungarianMatcher(nn.Module):
         """``[B, Q, C+1]`` logits -> per-class scores whose negative is the classification cost."""
         return logits.softmax(-1)
 
+    def cost_matrices(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], n_max: int) -> Tensor:
+        """Each image's ``[Q, n_b]`` cost, computed for the whole batch at once as ``[B, Q, n_max]``
+        (targets padded to the batch's largest count; columns past ``n_b`` are garbage and unused).
+        Still per image: the size is B x Q x n_max, not (B x Q) x (all targets of the batch)."""
+        b, q = logits.shape[:2]
+        labels = logits.new_zeros((b, n_max), dtype=torch.int64)
+        tgt = logits.new_tensor([0.5, 0.5, 1.0, 1.0]).expand(b, n_max, 4).clone()  # valid dummy boxes
+        for i, t in enumerate(targets):
+            n = len(t["labels"])
+            labels[i, :n] = t["labels"]
+            tgt[i, :n] = t["boxes"].float()
+        scores = self.class_scores(logits)  # [B, Q, C+1]
+        cost = -self.cost_class * scores.gather(2, labels[:, None, :].expand(b, q, n_max))
+        cost += self.cost_bbox * torch.cdist(boxes, tgt, p=1)
+        pairs_p = box_convert(boxes, "cxcywh", "xyxy")[:, :, None, :].expand(b, q, n_max, 4).reshape(-1, 4)
+        pairs_t = box_convert(tgt, "cxcywh", "xyxy")[:, None, :, :].expand(b, q, n_max, 4).reshape(-1, 4)
+        giou = 1 - generalized_box_iou_loss(pairs_p, pairs_t, reduction="none")
+        return cost - self.cost_giou * giou.view(b, q, n_max)
+
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """
@@ -38,25 +57,22 @@ class HungarianMatcher(nn.Module):
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         if logits.shape[0] != len(targets):
             raise ValueError(f"{logits.shape[0]} images of predictions but {len(targets)} targets")
-        scores = self.class_scores(logits)  # [B, Q, C+1], once for the batch
-        boxes_xyxy = box_convert(boxes, "cxcywh", "xyxy")
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if max(sizes, default=0) == 0:
+            return [(empty, empty) for _ in targets]
+        cost = self.cost_matrices(logits, boxes, targets, max(sizes)).cpu()  # [B, Q, n_max]
         indices = []
-        for b, t in enumerate(targets):
-            n = len(t["labels"])
+        for b, n in enumerate(sizes):
             if n == 0:
-                empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty))
                 continue
-            tgt_boxes = t["boxes"].float()
-            cost = -self.cost_class * scores[b][:, t["labels"]]
-            cost += self.cost_bbox * torch.cdist(boxes[b], tgt_boxes, p=1)
-            cost -= self.cost_giou * generalized_box_iou(boxes_xyxy[b], box_convert(tgt_boxes, "cxcywh", "xyxy"))
-            cost = cost.cpu()
-            if not torch.isfinite(cost).all():
+            c = cost[b, :, :n]
+            if not torch.isfinite(c).all():
                 raise FloatingPointError(
                     "matching cost has NaN/Inf: the model's predictions diverged (lower the learning "
                     "rate or check the input normalisation)"
                 )
-            rows, cols = linear_sum_assignment(cost.numpy())
+            rows, cols = linear_sum_assignment(c.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
