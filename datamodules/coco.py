@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -35,6 +34,8 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
+
+from .base import SplitDataModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -428,7 +429,7 @@ def collate_detection(
 # --------------------------------------------------------------------------------------------
 
 
-class CocoDataModule(L.LightningDataModule):
+class CocoDataModule(SplitDataModule):
     """Detection DataModule over a COCO JSON + image folder per split.
 
     Relative ``images_dir`` / ``*_json`` paths resolve against ``root``; absolute ones are used as is.
@@ -576,15 +577,3 @@ class CocoDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True, name="train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False, name="val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False, name="test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False, name="test")

@@ -35,7 +35,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -44,6 +43,8 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from datamodules.coco import DataError, MissingDataError
+
+from .base import SplitDataModule
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")  # position = id
@@ -652,7 +653,7 @@ class TokenBucketBatchSampler(BatchSampler):
 # --------------------------------------------------------------------------------------------
 
 
-class ParallelTextDataModule(L.LightningDataModule):
+class ParallelTextDataModule(SplitDataModule):
     """Translation DataModule over ``PREFIX.{src_lang,tgt_lang}`` files (optionally ``.gz``) per split.
 
     ``prepare_data`` trains (or loads from ``cache_dir``) a joint BPE on the train split of both
@@ -802,18 +803,6 @@ class ParallelTextDataModule(L.LightningDataModule):
             collate_fn=partial(collate_translation, pad_id=PAD_ID),
             persistent_workers=self.num_workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True, name="train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False, name="val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False, name="test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False, name="test")
 
 
 class Multi30kDataModule(ParallelTextDataModule):
