@@ -24,9 +24,7 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
-def _attention_mask(
-    padding_mask: Tensor | None, mask: Tensor | None, batch: int, nhead: int, tq: int
-) -> Tensor | None:
+def _attention_mask(padding_mask: Tensor | None, mask: Tensor | None) -> Tensor | None:
     """Combine a key padding mask ``[B, S]`` and an attention mask ``[T, S]`` / ``[B, T, S]`` /
     ``[B, H, T, S]`` (True = blocked) into SDPA's convention (True = may attend), or None."""
     allowed: Tensor | None = None
@@ -252,7 +250,7 @@ class Seq2SeqTransformer(nn.Module):
     ) -> Tensor:  # memory [B, S, D]
         if src_pos is not None and not self.pos_at_every_layer:
             src, src_pos = src + src_pos, None
-        mask = _attention_mask(src_padding_mask, None, src.shape[0], self.nhead, src.shape[1])
+        mask = _attention_mask(src_padding_mask, None)
         for layer in self.encoder_layers:
             src = layer(src, src_pos, mask)
         return self.encoder_norm(src)
@@ -284,12 +282,12 @@ class Seq2SeqTransformer(nn.Module):
             memory_k = memory + memory_pos
         else:
             memory_k = memory
-        b, t = tgt.shape[:2]
-        self_mask = _attention_mask(tgt_padding_mask, tgt_mask, b, self.nhead, t)
+        t = tgt.shape[1]
+        self_mask = _attention_mask(tgt_padding_mask, tgt_mask)
         if is_causal and self_mask is not None:  # SDPA takes either a mask or is_causal: fold it in
             causal = torch.ones(t, t, dtype=torch.bool, device=tgt.device).tril()
             self_mask = self_mask & causal
-        memory_mask = _attention_mask(memory_padding_mask, None, b, self.nhead, t)
+        memory_mask = _attention_mask(memory_padding_mask, None)
         if cache is not None and len(cache) != len(self.decoder_layers):
             raise ValueError("cache has a different number of layers: create it with init_cache()")
         causal_step = is_causal and not (cache is not None and "k" in cache[0].get("self", {}))
