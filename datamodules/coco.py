@@ -435,6 +435,11 @@ class CocoDataModule(SplitDataModule):
     Relative ``images_dir`` / ``*_json`` paths resolve against ``root``; absolute ones are used as is.
     ``test_json=None`` tests on the validation split. Labels are contiguous 0..C-1 in the train JSON's
     category-id order (``data_info``); val/test JSONs must define the same categories.
+
+    ``target="multilabel"`` yields multi-label batches instead (``images``, ``pixel_mask``, ``labels``
+    multi-hot ``[B, C]``): each image's set of categories from the split's JSON, or, where
+    ``train_labels`` / ``val_labels`` / ``test_labels`` name a ``{file_name: [class names]}`` file,
+    from that file (see ``datamodules/multilabel.py``). Those three are ignored for detection.
     """
 
     def __init__(
@@ -452,8 +457,16 @@ class CocoDataModule(SplitDataModule):
         size_divisibility: int = 32,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        target: str = "detection",
+        train_labels: str | None = None,
+        val_labels: str | None = None,
+        test_labels: str | None = None,
     ) -> None:
         super().__init__()
+        if target not in ("detection", "multilabel"):
+            raise ValueError(f"target must be 'detection' or 'multilabel', got {target!r}")
+        self.target = target
+        self._labels_args = {"train": train_labels, "val": val_labels, "test": test_labels}
         self.root = Path(root)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -518,11 +531,16 @@ class CocoDataModule(SplitDataModule):
         (not the images) if ``setup`` has not run.
         """
         cats = self._reference_categories()
-        return {
+        info = {
             "num_classes": len(cats),
             "class_names": [str(c["name"]) for c in cats],
             "category_ids": [int(c["id"]) for c in cats],
         }
+        if self.target == "multilabel":  # training-set frequency of each class (label order of sequences)
+            if self.train_dataset is None:
+                self.setup("fit")
+            info["label_counts"] = list(self.train_dataset.label_counts)
+        return info
 
     def label_to_category_id(self, labels: Tensor) -> Tensor:
         """Map contiguous labels (any shape, int) back to the JSON's category ids (same shape)."""
@@ -530,13 +548,22 @@ class CocoDataModule(SplitDataModule):
         return table[labels.long()]
 
     # setup -------------------------------------------------------------------------------------
+    def labels_file(self, split: str) -> Path | None:
+        """The ``{file_name: [class names]}`` file of a split (multilabel target), or None."""
+        arg = self._labels_args[split]
+        return self._resolve(arg) if arg is not None else None
+
     def _build(
-        self, json_path: Path, train: bool, train_data: dict[str, Any] | None = None
+        self, json_path: Path, train: bool, train_data: dict[str, Any] | None = None, split: str = "train"
     ) -> CocoDetectionDataset:
         data = train_data if train_data is not None else load_coco_json(json_path)
         reference = self._reference_categories(train_data)
         if json_path != self.train_json:
             check_same_categories(reference, self.train_json, sorted_categories(data), json_path)
+        if self.target == "multilabel":
+            from .multilabel import build_multilabel_dataset  # imported here: it builds on this module
+
+            return build_multilabel_dataset(self, split, json_path, data, reference, train)
         check_images_exist(self.images_dir, data, json_path)
         transforms = make_detection_transforms(
             train, train_scales=self.train_scales, val_scale=self.val_scale, max_size=self.max_size
@@ -556,12 +583,13 @@ class CocoDataModule(SplitDataModule):
             train_data = load_coco_json(self.train_json)
             self.train_dataset = self._build(self.train_json, train=True, train_data=train_data)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self._build(self.val_json, train=False)
+            self.val_dataset = self._build(self.val_json, train=False, split="val")
         if stage in (None, "test", "predict") and self.test_dataset is None:
             if self._test_json_arg is None and self.val_dataset is not None:
                 self.test_dataset = self.val_dataset
             else:
-                self.test_dataset = self._build(self.test_json, train=False)
+                split = "test" if self._test_json_arg is not None else "val"
+                self.test_dataset = self._build(self.test_json, train=False, split=split)
 
     # loaders -----------------------------------------------------------------------------------
     def _loader(self, dataset: CocoDetectionDataset | None, shuffle: bool, name: str) -> DataLoader:
@@ -573,7 +601,8 @@ class CocoDataModule(SplitDataModule):
             shuffle=shuffle,
             drop_last=False,
             num_workers=self.num_workers,
-            collate_fn=partial(collate_detection, size_divisibility=self.size_divisibility),
+            collate_fn=partial(getattr(dataset, "collate_fn", collate_detection),  # multilabel: its own
+                               size_divisibility=self.size_divisibility),
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )

@@ -263,7 +263,8 @@ def _default_scales(image_size: int) -> list[int]:
 
 
 class ShapesDataModule(CocoDataModule):
-    """``CocoDataModule`` on the generated shapes dataset cached at ``cache_dir/shapes-<hash>``.
+    """``CocoDataModule`` on the generated shapes dataset cached at ``cache_dir/shapes-<hash>``
+    (``target="multilabel"``: which of circle / square / triangle each image shows).
 
     Scale defaults follow ``image_size``: train shortest side in {0.875, 1, 1.125} × image_size
     (rounded to multiples of 8), val at image_size, longer side capped at 1.25 × image_size.
@@ -286,6 +287,7 @@ class ShapesDataModule(CocoDataModule):
         size_divisibility: int = 32,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        target: str = "detection",
     ) -> None:
         self.generator_params = shapes_params(num_train, num_val, image_size, min_objects, max_objects, seed)
         root = Path(cache_dir) / shapes_cache_name(self.generator_params)
@@ -299,6 +301,7 @@ class ShapesDataModule(CocoDataModule):
             size_divisibility=size_divisibility,
             pin_memory=pin_memory,
             persistent_workers=persistent_workers,
+            target=target,
         )
 
     def _generate(self) -> None:
