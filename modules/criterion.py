@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .matcher import HungarianMatcher
 
@@ -26,70 +26,134 @@ def num_boxes_across_processes(targets: list[dict[str, Tensor]], device: torch.d
 class SetCriterion(nn.Module):
     """Matches predictions to targets and returns the **unweighted** loss terms.
 
-    ``loss_ce``: cross entropy over all queries, unmatched queries labelled no-object (index C) and
-    weighted by ``eos_coef``; the mean is the weighted mean. ``loss_bbox`` (L1) and ``loss_giou``
-    (1 - GIoU) are summed over matched pairs and divided by the number of target boxes. Each auxiliary
-    decoder layer ``i`` is matched on its own and adds ``loss_ce_i``, ``loss_bbox_i``, ``loss_giou_i``.
+    ``loss_ce``: softmax head: cross entropy over all queries, unmatched queries labelled no-object
+    (index C) and weighted by ``eos_coef``, the mean being the weighted mean; sigmoid head
+    (``focal=True``): sigmoid focal loss summed over queries and classes and divided by the number of
+    boxes (Deformable DETR). ``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU) are summed over matched
+    pairs and divided by the number of target boxes.
+
+    Extra terms, each named ``<term>_<part>``: auxiliary decoder layer ``i`` (``loss_ce_0`` ...), each
+    matched on its own; the two-stage encoder proposals (``_enc``); the denoising queries (``_dn``,
+    ``_dn_0`` ...), whose targets are known, so they are not matched. With several query groups
+    (Group DETR, ``outputs["num_groups"]``) each group is matched one-to-one on its own and the terms
+    are averaged over the groups.
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, eos_coef: float = 0.1) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        eos_coef: float = 0.1,
+        focal: bool = False,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
         super().__init__()
         self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
+        self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def loss_labels(self, outputs: dict[str, Tensor], targets: list[dict], indices: list) -> dict[str, Tensor]:
-        logits = outputs["pred_logits"]  # [B, Q, C+1]
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        for b, (src, tgt) in enumerate(indices):
-            target_classes[b, src.to(logits.device)] = targets[b]["labels"][tgt]
-        loss = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=self.empty_weight)
-        return {"loss_ce": loss}
+    def loss_labels(self, logits: Tensor, target_classes: Tensor, num_boxes: float) -> Tensor:
+        """``logits`` [B, Q, C+1 or C]; ``target_classes`` [B, Q]: a class, C = no-object, -1 = ignored."""
+        logits = logits.float()
+        if not self.focal:
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight, ignore_index=-1)
+        onehot = F.one_hot(target_classes.clamp(min=0), self.num_classes + 1)[..., : self.num_classes]
+        loss = sigmoid_focal_loss(logits, onehot.to(logits.dtype), self.focal_alpha, self.focal_gamma, "none")
+        return (loss * (target_classes >= 0)[..., None]).sum() / num_boxes
 
-    def loss_boxes(
-        self, outputs: dict[str, Tensor], targets: list[dict], indices: list, num_boxes: float
-    ) -> dict[str, Tensor]:
-        pred = outputs["pred_boxes"]
-        src = torch.cat([pred[b, s.to(pred.device)] for b, (s, _) in enumerate(indices)]).float()
-        tgt = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)]).float()
+    def loss_boxes(self, src: Tensor, tgt: Tensor, num_boxes: float, like: Tensor) -> dict[str, Tensor]:
+        """Paired boxes ``[N, 4]`` normalised cxcywh."""
+        src, tgt = src.float(), tgt.float()
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         if len(src):
             loss_giou = generalized_box_iou_loss(
                 box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="sum"
             ) / num_boxes
         else:  # keep the graph connected so every process runs the same backward
-            loss_giou = pred.sum() * 0.0
+            loss_giou = like.sum() * 0.0
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
-    def single_layer(
-        self, outputs: dict[str, Tensor], targets: list[dict], num_boxes: float
-    ) -> dict[str, Tensor]:
+    def matched_losses(self, outputs: dict[str, Tensor], targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
+        """One layer's terms after Hungarian matching."""
         indices = self.matcher(outputs, targets)
-        return {
-            **self.loss_labels(outputs, targets, indices),
-            **self.loss_boxes(outputs, targets, indices, num_boxes),
-        }
+        logits, pred = outputs["pred_logits"], outputs["pred_boxes"]
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        for b, (src, tgt) in enumerate(indices):
+            target_classes[b, src.to(logits.device)] = targets[b]["labels"][tgt]
+        src = torch.cat([pred[b, s.to(pred.device)] for b, (s, _) in enumerate(indices)])
+        tgt = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)])
+        return {"loss_ce": self.loss_labels(logits, target_classes, num_boxes),
+                **self.loss_boxes(src, tgt, num_boxes, pred)}
+
+    def denoising_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
+        """Terms of the denoising queries of one layer: positives reconstruct their target's class
+        and box, contrastive negatives predict no-object, padded slots are ignored."""
+        dn = outputs["dn"]
+        logits, pred = outputs["pred_logits"], outputs["pred_boxes"]
+        b = logits.shape[0]
+        classes = torch.full((b, dn.groups, dn.copies, dn.n_max), -1, dtype=torch.int64, device=logits.device)
+        src, tgt = [], []
+        pred = pred.view(b, dn.groups, dn.copies, dn.n_max, 4)
+        for i, t in enumerate(targets):
+            n = len(t["labels"])
+            classes[i, :, 0, :n] = t["labels"]
+            classes[i, :, 1:, :n] = self.num_classes
+            src.append(pred[i, :, 0, :n].reshape(-1, 4))
+            tgt.append(t["boxes"].repeat(dn.groups, 1))
+        n_dn = num_boxes * dn.groups
+        return {"loss_ce": self.loss_labels(logits, classes.flatten(1), n_dn),
+                **self.loss_boxes(torch.cat(src), torch.cat(tgt), n_dn, pred)}
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """
         Args:
-            outputs: ``pred_logits`` [B, Q, C+1], ``pred_boxes`` [B, Q, 4] and optionally
-                ``aux_outputs``, a list of such dicts for the earlier decoder layers.
+            outputs: ``pred_logits`` [B, Q, C+1 or C], ``pred_boxes`` [B, Q, 4] and optionally
+                ``aux_outputs`` (a list of such dicts for the earlier decoder layers),
+                ``num_groups``, ``enc_outputs`` and ``dn_outputs`` (see :class:`modules.detr.DETR`).
             targets: B dicts with ``labels`` [n_b] (0..C-1) and ``boxes`` [n_b, 4] normalised cxcywh.
         """
         num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
-        losses = self.single_layer(outputs, targets, num_boxes)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update({f"{k}_{i}": v for k, v in self.single_layer(aux, targets, num_boxes).items()})
+        groups = outputs.get("num_groups", 1)
+        layers = [outputs, *outputs.get("aux_outputs", [])]
+        if groups > 1:  # [B, G*Q] -> [B*G, Q]: image b's group g is "image" b*G+g, with b's targets
+            targets_g = [t for t in targets for _ in range(groups)]
+            layers = [_split_groups(o, groups) for o in layers]
+        else:
+            targets_g = targets
+        losses: dict[str, Tensor] = {}
+        for i, layer in enumerate(layers):
+            suffix = "" if i == 0 else f"_{i - 1}"
+            terms = self.matched_losses(layer, targets_g, num_boxes * groups)
+            losses.update({f"{k}{suffix}": v for k, v in terms.items()})
+        if "enc_outputs" in outputs:
+            terms = self.matched_losses(outputs["enc_outputs"], targets, num_boxes)
+            losses.update({f"{k}_enc": v for k, v in terms.items()})
+        if "dn_outputs" in outputs:
+            dn = outputs["dn_outputs"]
+            for i, layer in enumerate([dn, *dn.get("aux_outputs", [])]):
+                suffix = "_dn" if i == 0 else f"_dn_{i - 1}"
+                terms = self.denoising_losses({**layer, "dn": dn["dn"]}, targets, num_boxes)
+                losses.update({f"{k}{suffix}": v for k, v in terms.items()})
         return losses
 
 
+def _split_groups(outputs: dict[str, Tensor], groups: int) -> dict[str, Tensor]:
+    out = {}
+    for k in ("pred_logits", "pred_boxes"):
+        v = outputs[k]
+        out[k] = v.reshape(v.shape[0] * groups, v.shape[1] // groups, v.shape[2])
+    return out
+
+
 def weighted_loss(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
-    """Sum of ``weights[base] * term`` where ``base`` is the term's name without its layer suffix."""
+    """Sum of ``weights[base] * term`` where ``base`` is the term's name without its suffixes
+    (``loss_ce_3``, ``loss_ce_enc``, ``loss_ce_dn_0`` all take the weight of ``loss_ce``)."""
     total = None
     for name, value in losses.items():
-        base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
+        base = "_".join(name.split("_")[:2])
         if base not in weights:
             continue
         term = weights[base] * value

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from .backbone import ImageAdapter
+from .position import sine_embed_boxes
 from .transformer import Seq2SeqTransformer
 
 
@@ -23,28 +27,156 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x), with x clamped to [eps, 1 - eps]."""
+    x = x.float().clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
 class DETRHead(nn.Module):
-    """Per-query class logits ``[.., C+1]`` (last = no-object) and boxes ``[.., 4]`` (sigmoid cxcywh)."""
+    """Per-query class logits and boxes ``[.., 4]`` (sigmoid cxcywh).
 
-    def __init__(self, d_model: int, num_classes: int) -> None:
+    Softmax head (DETR): ``C + 1`` logits, the last one no-object. Sigmoid head (focal loss,
+    Deformable DETR): ``C`` independent logits, biased to a 1 % prior. With ``anchors`` (box logits,
+    i.e. inverse-sigmoid cxcywh) the box branch predicts an offset from the anchor.
+    """
+
+    def __init__(self, d_model: int, num_classes: int, sigmoid_classes: bool = False) -> None:
         super().__init__()
-        self.class_embed = nn.Linear(d_model, num_classes + 1)
+        self.sigmoid_classes = sigmoid_classes
+        self.class_embed = nn.Linear(d_model, num_classes + (0 if sigmoid_classes else 1))
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        if sigmoid_classes:  # rare foreground at the start, as in RetinaNet / Deformable DETR
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
-    def forward(self, hs: Tensor) -> tuple[Tensor, Tensor]:
+    def boxes(self, hs: Tensor, anchors: Tensor | None = None) -> Tensor:
         # in float32 even under bf16 autocast: an 8-bit mantissa would quantise box coordinates
         # to ~1/256 of the image, which costs mAP at strict IoU thresholds
         with torch.autocast(hs.device.type, enabled=False):
-            hs = hs.float()
-            return self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+            delta = self.bbox_embed(hs.float())
+            return (delta if anchors is None else delta + anchors).sigmoid()
+
+    def forward(self, hs: Tensor, anchors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        with torch.autocast(hs.device.type, enabled=False):
+            return self.class_embed(hs.float()), self.boxes(hs, anchors)
+
+    def class_probs(self, logits: Tensor) -> Tensor:
+        """``[.., C]`` per-class probabilities of either head."""
+        logits = logits.float()
+        return logits.sigmoid() if self.sigmoid_classes else logits.softmax(-1)[..., :-1]
+
+
+@dataclass
+class Denoising:
+    """Noised copies of the ground truth fed to the decoder (DN-DETR, DINO's contrastive variant).
+
+    Layout of the ``groups * copies * n_max`` queries: group-major, then copy (0 = positive: small
+    noise, reconstruct the box and label; 1 = negative: larger noise, predict no-object), then the
+    target index ``j`` (padded to the batch's largest ``n_max``; padded slots are unsupervised).
+    """
+
+    labels: Tensor  # [B, T_dn] noised labels (num_classes = padding)
+    boxes: Tensor  # [B, T_dn, 4] noised boxes, normalised cxcywh
+    groups: int
+    copies: int
+    n_max: int
+
+    @property
+    def num_queries(self) -> int:
+        return self.groups * self.copies * self.n_max
+
+
+def make_denoising_queries(
+    targets: list[dict[str, Tensor]],
+    num_classes: int,
+    groups: int,
+    label_noise: float,
+    box_noise: float,
+    contrastive: bool,
+    generator: torch.Generator | None = None,
+) -> Denoising | None:
+    """Noised ground truth for the denoising queries; None when the batch has no box.
+
+    Labels are replaced by a random class with probability ``label_noise / 2`` (DINO's convention).
+    Each box side moves by up to ``box_noise`` x half the box size (positives) or by between 1x and 2x
+    that (negatives), in a random direction.
+    """
+    sizes = [len(t["labels"]) for t in targets]
+    n_max = max(sizes, default=0)
+    if n_max == 0 or groups <= 0:
+        return None
+    b, copies = len(targets), 2 if contrastive else 1
+    device = targets[0]["boxes"].device
+    labels = torch.full((b, n_max), num_classes, dtype=torch.int64, device=device)
+    boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(b, n_max, 1)
+    for i, t in enumerate(targets):
+        labels[i, : sizes[i]] = t["labels"]
+        boxes[i, : sizes[i]] = t["boxes"].float()
+    shape = (b, groups, copies, n_max)
+    labels = labels[:, None, None, :].expand(shape).clone()
+    boxes = boxes[:, None, None, :, :].expand(*shape, 4)
+
+    def rand(*size: int) -> Tensor:
+        return torch.rand(size, generator=generator, device=device)
+
+    flip = rand(*shape) < label_noise * 0.5
+    random_labels = (rand(*shape) * num_classes).long().clamp(max=num_classes - 1)
+    pad = labels == num_classes
+    labels = torch.where(flip & ~pad, random_labels, labels)
+    xyxy = box_convert(boxes, "cxcywh", "xyxy")
+    half = boxes[..., 2:].repeat(1, 1, 1, 1, 2) / 2
+    magnitude = rand(*shape, 4)
+    if contrastive:
+        magnitude[:, :, 1] += 1.0
+    sign = rand(*shape, 4).round() * 2 - 1
+    xyxy = (xyxy + sign * magnitude * half * box_noise).clamp(0.0, 1.0)
+    noised = box_convert(xyxy, "xyxy", "cxcywh")
+    noised[..., 2:] = noised[..., 2:].clamp(min=1e-3)
+    return Denoising(labels.flatten(1), noised.flatten(1, 3), groups, copies, n_max)
+
+
+def query_attention_mask(num_dn: int, dn_groups: int, num_groups: int, num_queries: int, device=None) -> Tensor | None:
+    """Decoder self-attention mask (True = blocked) for ``[denoising queries; matching queries]``.
+
+    Matching queries never see denoising ones (they would read the answer); denoising groups do not
+    see each other; with several matching groups (Group DETR) each group only sees itself.
+    """
+    total = num_dn + num_groups * num_queries
+    if num_dn == 0 and num_groups == 1:
+        return None
+    group_id = torch.empty(total, dtype=torch.int64, device=device)
+    if num_dn:
+        group_id[:num_dn] = torch.arange(dn_groups, device=device).repeat_interleave(num_dn // dn_groups)
+    group_id[num_dn:] = dn_groups + torch.arange(num_groups, device=device).repeat_interleave(num_queries)
+    blocked = group_id[:, None] != group_id[None, :]
+    if num_dn:  # denoising queries may read the matching queries (DN-DETR), not the other way round
+        blocked[:num_dn, num_dn:] = False
+    return blocked
 
 
 class DETR(nn.Module):
     """Set-prediction detector on the shared seq2seq Transformer.
 
-    The encoder reads image tokens; ``num_queries`` learned object queries are decoded in parallel
-    (one pass, no causal mask); every decoder layer's output goes through the same head, the last
-    one as the prediction and the others as ``aux_outputs`` for the auxiliary losses.
+    The encoder reads image tokens; ``num_queries`` object queries are decoded in parallel (one pass,
+    no causal mask); every decoder layer's output goes through the same head, the last one as the
+    prediction and the others as ``aux_outputs`` for the auxiliary losses.
+
+    The faster-converging variants of DETR's successors are switches (all off = the original DETR):
+
+    * ``sigmoid_classes``: per-class sigmoid logits for the focal loss (Deformable DETR);
+    * ``anchor_queries``: each query is a learned content vector plus a learned anchor box whose sine
+      embedding (through a small MLP) is the query position; boxes are predicted as offsets from the
+      anchor (DAB-DETR);
+    * ``box_refine``: each decoder layer's boxes become the next layer's anchors (detached), so the
+      query positions follow the boxes layer by layer (Deformable DETR / DAB-DETR);
+    * ``num_groups``: extra query groups while training, each matched one-to-one on its own and
+      blind to the others in self-attention (Group DETR); only the first group runs at inference;
+    * ``two_stage``: anchors chosen from the encoder tokens: every token proposes a box and class,
+      the ``num_queries`` best proposals become the anchors (DINO's mixed query selection; the
+      proposals get their own set loss);
+    * ``dn_groups``: denoising queries while training: noised ground-truth boxes (as anchors) and
+      labels (as content) that the decoder must reconstruct, behind an attention mask (DN-DETR), with
+      ``dn_contrastive`` negatives that must predict no-object (DINO).
     """
 
     def __init__(
@@ -54,34 +186,146 @@ class DETR(nn.Module):
         num_classes: int,
         num_queries: int = 100,
         aux_loss: bool = True,
+        sigmoid_classes: bool = False,
+        anchor_queries: bool = False,
+        box_refine: bool = False,
+        num_groups: int = 1,
+        two_stage: bool = False,
+        dn_groups: int = 0,
+        dn_label_noise: float = 0.5,
+        dn_box_noise: float = 0.4,
+        dn_contrastive: bool = True,
     ) -> None:
         super().__init__()
         if adapter.d_model != transformer.d_model:
             raise ValueError(f"adapter width {adapter.d_model} != transformer width {transformer.d_model}")
+        anchors = anchor_queries or two_stage
+        if box_refine and not anchors:
+            raise ValueError("box_refine refines anchor boxes: set anchor_queries=true (or two_stage=true)")
+        if dn_groups and not anchors:
+            raise ValueError("denoising queries are noised anchor boxes: set anchor_queries=true (or two_stage=true)")
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        d = transformer.d_model
         self.adapter, self.transformer = adapter, transformer
         self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
-        self.query_embed = nn.Embedding(num_queries, transformer.d_model)
-        self.head = DETRHead(transformer.d_model, num_classes)
+        self.sigmoid_classes, self.anchors, self.box_refine = sigmoid_classes, anchors, box_refine
+        self.num_groups, self.two_stage = num_groups, two_stage
+        self.dn_groups, self.dn_label_noise, self.dn_box_noise = dn_groups, dn_label_noise, dn_box_noise
+        self.dn_contrastive = dn_contrastive
+        self.head = DETRHead(d, num_classes, sigmoid_classes)
+        total = num_queries * num_groups
+        if not anchors:
+            self.query_embed = nn.Embedding(total, d)
+        else:
+            self.query_content = nn.Embedding(total, d)
+            self.pos_head = MLP(2 * d, d, d, 2)
+            nn.init.zeros_(self.head.bbox_embed[-1].weight)  # start exactly at the anchors
+            nn.init.zeros_(self.head.bbox_embed[-1].bias)
+            if not two_stage:
+                self.anchor_embed = nn.Embedding(total, 4)
+                with torch.no_grad():  # centres spread over the image, boxes a tenth of it
+                    init = torch.rand(total, 4)
+                    init[:, 2:] = 0.1
+                    self.anchor_embed.weight.copy_(inverse_sigmoid(init))
+        if two_stage:
+            self.enc_proj = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
+            self.enc_head = DETRHead(d, num_classes, sigmoid_classes)
+        if dn_groups:
+            self.label_embed = nn.Embedding(num_classes + 1, d)  # the last row: padding
 
-    def forward(self, images: Tensor, pixel_mask: Tensor) -> dict:
+    def class_probs(self, logits: Tensor) -> Tensor:
+        return self.head.class_probs(logits)
+
+    def _query_pos(self, anchor_logits: Tensor) -> Tensor:
+        return self.pos_head(sine_embed_boxes(anchor_logits.sigmoid(), self.transformer.d_model))
+
+    def _token_proposals(self, memory: Tensor, mask: Tensor, hw: tuple[int, int]) -> dict[str, Tensor]:
+        """Two-stage: every encoder token predicts a class and a box around its own cell."""
+        b = memory.shape[0]
+        not_pad = ~mask.view(b, *hw)
+        ys = (not_pad.cumsum(1) - 0.5) / not_pad.sum(1, keepdim=True).clamp(min=1)
+        xs = (not_pad.cumsum(2) - 0.5) / not_pad.sum(2, keepdim=True).clamp(min=1)
+        hs_ = 2.0 / not_pad.sum(1, keepdim=True).clamp(min=1).expand_as(ys)  # two cells high / wide
+        ws_ = 2.0 / not_pad.sum(2, keepdim=True).clamp(min=1).expand_as(xs)
+        cells = torch.stack((xs, ys, ws_, hs_), dim=-1).flatten(1, 2).clamp(0.0, 1.0)
+        logits, boxes = self.enc_head(self.enc_proj(memory), inverse_sigmoid(cells))
+        return {"pred_logits": logits, "pred_boxes": boxes}
+
+    def forward(self, images: Tensor, pixel_mask: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict:
         """
         Args:
             images: ``[B, 3, H, W]`` normalised, zero-padded.
             pixel_mask: ``[B, H, W]`` bool, True on padding.
+            targets: ground truth (``labels``, normalised cxcywh ``boxes``); only read while training
+                with denoising queries.
         Returns:
-            ``pred_logits`` [B, Q, C+1], ``pred_boxes`` [B, Q, 4] normalised cxcywh, and (when
-            ``aux_loss``) ``aux_outputs``: a list of L-1 such dicts, one per earlier decoder layer.
+            ``pred_logits`` [B, Q', C+1 or C], ``pred_boxes`` [B, Q', 4] normalised cxcywh, where
+            ``Q' = num_groups * num_queries`` while training and ``num_queries`` in eval mode;
+            ``num_groups``; (with ``aux_loss``) ``aux_outputs``, one such dict per earlier decoder
+            layer; (two-stage) ``enc_outputs``, the token proposals; (denoising) ``dn_outputs``, the
+            same for the denoising queries plus ``dn`` (:class:`Denoising`).
         """
-        tokens, pos, mask, _ = self.adapter(images, pixel_mask)
+        tokens, pos, mask, hw = self.adapter(images, pixel_mask)
         # padding masks only cost time when some image is actually padded
         mask_arg = mask if bool(mask.any()) else None
         memory = self.transformer.encode(tokens, pos, mask_arg)
-        queries = self.query_embed.weight.unsqueeze(0).expand(images.shape[0], -1, -1)
-        tgt = torch.zeros_like(queries)
-        hs = self.transformer.decode(tgt, memory, queries, pos, mask_arg)  # [L, B, Q, D]
+        b = images.shape[0]
+        groups = self.num_groups if self.training else 1
+        nq = self.num_queries * groups
+        out: dict = {"num_groups": groups}
+        anchors = dn = None
+        if not self.anchors:
+            query_pos = self.query_embed.weight[:nq].unsqueeze(0).expand(b, -1, -1)
+            content = torch.zeros_like(query_pos)
+        else:
+            content = self.query_content.weight[:nq].unsqueeze(0).expand(b, -1, -1)
+            if self.two_stage:
+                enc = out["enc_outputs"] = self._token_proposals(memory, mask, hw)
+                score = self.class_probs(enc["pred_logits"]).max(-1).values.masked_fill(mask, -1.0)
+                top = score.topk(min(self.num_queries, score.shape[1]), dim=1).indices
+                chosen = enc["pred_boxes"].detach().gather(1, top[..., None].expand(-1, -1, 4))
+                if chosen.shape[1] < self.num_queries:  # fewer tokens than queries: repeat
+                    chosen = chosen.repeat(1, -(-self.num_queries // chosen.shape[1]), 1)[:, : self.num_queries]
+                anchors = inverse_sigmoid(chosen).repeat(1, groups, 1)
+            else:
+                anchors = self.anchor_embed.weight[:nq].unsqueeze(0).expand(b, -1, -1)
+            if self.training and self.dn_groups and targets is not None:
+                dn = make_denoising_queries(
+                    targets, self.num_classes, self.dn_groups, self.dn_label_noise, self.dn_box_noise,
+                    self.dn_contrastive,
+                )
+            if dn is not None:
+                content = torch.cat((self.label_embed(dn.labels).to(content.dtype), content), dim=1)
+                anchors = torch.cat((inverse_sigmoid(dn.boxes), anchors.float()), dim=1)
+            query_pos = self._query_pos(anchors)
+        num_dn = dn.num_queries if dn is not None else 0
+        self_mask = query_attention_mask(
+            num_dn, dn.groups if dn is not None else 0, groups, self.num_queries, images.device
+        )
+        layer_anchors = None if anchors is None else [anchors]
+
+        def refine(i: int, hs_i: Tensor) -> Tensor:
+            boxes = self.head.boxes(hs_i, layer_anchors[-1]).detach()
+            layer_anchors.append(inverse_sigmoid(boxes))
+            return self._query_pos(layer_anchors[-1])
+
+        hs = self.transformer.decode(
+            content, memory, query_pos, pos, mask_arg, tgt_mask=self_mask,
+            pos_update=refine if self.box_refine else None,
+        )  # [L, B, T, D]
+        if layer_anchors is not None:
+            layer_anchors = torch.stack(layer_anchors) if self.box_refine else layer_anchors[0][None]
         if not self.aux_loss and not self.training:
             hs = hs[-1:]
-        logits, boxes = self.head(hs)
+            layer_anchors = None if layer_anchors is None else layer_anchors[-1:]
+        logits, boxes = self.head(hs, layer_anchors)
+        out.update(self._outputs(logits[:, :, num_dn:], boxes[:, :, num_dn:]))
+        if dn is not None:
+            out["dn_outputs"] = {**self._outputs(logits[:, :, :num_dn], boxes[:, :, :num_dn]), "dn": dn}
+        return out
+
+    def _outputs(self, logits: Tensor, boxes: Tensor) -> dict:
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
@@ -107,33 +351,58 @@ def build_detr(
     activation: str = "relu",
     num_queries: int = 100,
     aux_loss: bool = True,
+    sigmoid_classes: bool = False,
+    anchor_queries: bool = False,
+    box_refine: bool = False,
+    num_groups: int = 1,
+    two_stage: bool = False,
+    dn_groups: int = 0,
+    dn_label_noise: float = 0.5,
+    dn_box_noise: float = 0.4,
+    dn_contrastive: bool = True,
 ) -> DETR:
-    """DETR from plain settings (the ``model`` config group). Defaults are the DETR-R50 paper setting."""
+    """DETR from plain settings (the ``model`` config group). Defaults are the DETR-R50 paper setting
+    (every convergence switch off)."""
     adapter = ImageAdapter(
         backbone, d_model, pretrained_backbone, frozen_bn, trainable_layers, stride, fuse_frozen_bn, channels_last
     )
     transformer = Seq2SeqTransformer(
         d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, norm_first, activation
     )
-    return DETR(adapter, transformer, num_classes, num_queries, aux_loss)
+    return DETR(
+        adapter, transformer, num_classes, num_queries, aux_loss, sigmoid_classes, anchor_queries, box_refine,
+        num_groups, two_stage, dn_groups, dn_label_noise, dn_box_noise, dn_contrastive,
+    )
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, target_sizes: Tensor, top_k: int | None = None) -> list[dict[str, Tensor]]:
+def postprocess(
+    outputs: dict, target_sizes: Tensor, top_k: int | None = None, sigmoid: bool = False
+) -> list[dict[str, Tensor]]:
     """Turn raw outputs into detections in absolute pixels.
 
     Args:
-        outputs: ``pred_logits`` [B, Q, C+1], ``pred_boxes`` [B, Q, 4] normalised cxcywh.
+        outputs: ``pred_logits`` [B, Q, C+1] (softmax head) or [B, Q, C] (``sigmoid`` head),
+            ``pred_boxes`` [B, Q, 4] normalised cxcywh.
         target_sizes: ``[B, 2]`` (height, width) to scale to, usually the original image sizes.
-        top_k: keep the k best-scoring queries per image (None = all).
+        top_k: detections kept per image (None = all). The softmax head gives one detection per query
+            (its best class); the sigmoid head one per (query, class) pair, as in Deformable DETR.
     Returns:
         B dicts with ``scores`` [K], ``labels`` [K] (0..C-1) and ``boxes`` [K, 4] absolute xyxy.
     """
-    prob = outputs["pred_logits"].float().softmax(-1)[..., :-1]
-    scores, labels = prob.max(-1)
+    logits = outputs["pred_logits"].float()
     boxes = box_convert(outputs["pred_boxes"].float(), "cxcywh", "xyxy")
     h, w = target_sizes.float().unbind(1)
     boxes = boxes * torch.stack((w, h, w, h), dim=1)[:, None, :]
+    if sigmoid:
+        c = logits.shape[-1]
+        flat = logits.sigmoid().flatten(1)  # [B, Q*C]
+        k = flat.shape[1] if top_k is None else min(top_k, flat.shape[1])
+        scores, index = flat.topk(k, dim=1)
+        labels = index % c
+        boxes = boxes.gather(1, (index // c)[..., None].expand(-1, -1, 4))
+        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+    scores, labels = logits.softmax(-1)[..., :-1].max(-1)
     results = []
     for s, lab, b in zip(scores, labels, boxes):
         if top_k is not None and top_k < len(s):

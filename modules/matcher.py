@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
@@ -10,21 +11,40 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising
-    ``cost_class * (-p(class)) + cost_bbox * L1(boxes) + cost_giou * (-GIoU)``.
+    ``cost_class * class_cost + cost_bbox * L1(boxes) + cost_giou * (-GIoU)``.
+
+    The class cost is ``-p(class)`` for a softmax head (DETR) or, with ``focal=True`` for a sigmoid
+    head, the focal loss of calling the query that class minus the focal loss of calling it
+    background (Deformable DETR), so matching and loss agree on what a good query is.
 
     The cost is computed per image ([Q, n_b] each), not for all queries x all targets of the batch,
     so its size grows with the batch linearly instead of quadratically.
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        focal: bool = False,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are 0: the assignment would be arbitrary")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+        self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
 
     def class_scores(self, logits: Tensor) -> Tensor:
-        """``[B, Q, C+1]`` logits -> per-class scores whose negative is the classification cost."""
-        return logits.softmax(-1)
+        """``[B, Q, C(+1)]`` logits -> per-class scores whose negative is the classification cost."""
+        if not self.focal:
+            return logits.softmax(-1)
+        p, a, g = logits.sigmoid(), self.focal_alpha, self.focal_gamma
+        # -log(p) and -log(1-p) from the logits: exact where p rounds to 0 or 1
+        pos = a * (1 - p) ** g * F.softplus(-logits)
+        neg = (1 - a) * p**g * F.softplus(logits)
+        return neg - pos
 
     def cost_matrices(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], n_max: int) -> Tensor:
         """Each image's ``[Q, n_b]`` cost, computed for the whole batch at once as ``[B, Q, n_max]``

@@ -43,11 +43,23 @@ def sine_positions_2d(
         eps = 1e-6
         y = (y - 0.5) / (y[:, -1:, :] + eps) * scale
         x = (x - 0.5) / (x[:, :, -1:] + eps) * scale
-    half = dim // 2
-    t = torch.arange(half, device=pixel_mask.device, dtype=torch.float32)
-    t = temperature ** (2 * torch.div(t, 2, rounding_mode="floor") / half)
-    px = x[..., None] / t
-    py = y[..., None] / t
-    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
-    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
-    return torch.cat((py, px), dim=3)
+    return torch.cat((sine_embed(y, dim // 2, temperature), sine_embed(x, dim // 2, temperature)), dim=-1)
+
+
+def sine_embed(values: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """Sine/cosine features of scalars: ``[...]`` -> ``[..., dim]`` (sines of even and cosines of odd
+    frequencies, interleaved as DETR does). ``sine_positions_2d`` is this on each axis."""
+    t = torch.arange(dim, device=values.device, dtype=torch.float32)
+    t = temperature ** (2 * torch.div(t, 2, rounding_mode="floor") / dim)
+    p = values.float()[..., None] / t
+    return torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_embed_boxes(boxes: Tensor, dim: int, scale: float = 2 * math.pi) -> Tensor:
+    """Positional features of normalised boxes ``[..., 4]`` (cx, cy, w, h in [0, 1]) -> ``[..., 2*dim]``:
+    ``dim / 2`` channels per coordinate, ordered (cy, cx, h, w) so that the centre part lines up with
+    the channels of :func:`sine_positions_2d` (y first, then x) at the same location."""
+    if dim % 2:
+        raise ValueError(f"box sine features need an even dimension, got {dim}")
+    cx, cy, w, h = (boxes * scale).unbind(-1)
+    return torch.cat([sine_embed(v, dim // 2) for v in (cy, cx, h, w)], dim=-1)

@@ -11,6 +11,7 @@ Mask convention (everywhere in this package): a bool mask is True where attentio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -272,10 +273,17 @@ class Seq2SeqTransformer(nn.Module):
         is_causal: bool = False,
         return_intermediate: bool = True,
         return_cross_attn: bool = False,
+        pos_update: Callable[[int, Tensor], Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Decoder hidden states ``[L, B, T, D]`` (L = number of decoder layers, or 1 without
         intermediates); with ``return_cross_attn`` also the last layer's head-averaged cross-attention
-        weights ``[B, T, S]``."""
+        weights ``[B, T, S]``.
+
+        ``pos_update(i, hs_i)``, if given, is called after every layer but the last with that layer's
+        normalised output ``[B, T, D]`` and returns the query positions of layer ``i + 1`` (iterative
+        box refinement: each layer's predicted boxes become the next layer's anchors)."""
+        if pos_update is not None and not self.pos_at_every_layer:
+            raise ValueError("pos_update needs pos_at_every_layer=True (positions added in every layer)")
         if tgt_pos is not None and not self.pos_at_every_layer:
             tgt, tgt_pos = tgt + tgt_pos, None
         if self.pos_at_every_layer and memory_pos is not None:
@@ -305,7 +313,9 @@ class Seq2SeqTransformer(nn.Module):
                 None if cache is None else cache[i],
                 need_weights=return_cross_attn and i == last,
             )
-            if return_intermediate:
+            if return_intermediate or (pos_update is not None and i < last):
                 outputs.append(self.decoder_norm(tgt))
+            if pos_update is not None and i < last:
+                tgt_pos = pos_update(i, outputs[-1])
         hs = torch.stack(outputs) if return_intermediate else self.decoder_norm(tgt).unsqueeze(0)
         return (hs, weights) if return_cross_attn else hs

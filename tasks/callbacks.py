@@ -32,7 +32,7 @@ class DetectionVisualizer(L.Callback):
         self._batch = (
             batch["images"][:n].detach().float().cpu(),
             [t["size"].tolist() for t in batch["targets"][:n]],
-            raw["pred_logits"][:n].detach().float().softmax(-1).cpu(),
+            pl_module.model.class_probs(raw["pred_logits"][:n].detach()).cpu(),
             raw["pred_boxes"][:n].detach().float().cpu(),
             [{k: t[k].cpu() for k in ("labels", "boxes")} for t in batch["targets"][:n]],
         )
@@ -47,7 +47,7 @@ class DetectionVisualizer(L.Callback):
         drawn, wandb_images = [], []
         for img, (h, w), prob, box, tgt in zip(images, sizes, probs, boxes, targets):
             pixels = (img[:, :h, :w] * std + mean).clamp(0, 1)
-            score, label = prob[:, :-1].max(-1)
+            score, label = prob.max(-1)
             keep = score >= self.score_threshold
             scale = torch.tensor([w, h, w, h], dtype=torch.float32)
             pred_xyxy = box_convert(box[keep], "cxcywh", "xyxy") * scale

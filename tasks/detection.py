@@ -23,8 +23,11 @@ class DetectionTask(BaseTask):
         model: keyword arguments of :func:`modules.detr.build_detr` (the ``model`` config group).
         data_info: what the data module read from the dataset: ``num_classes``, ``class_names`` and
             ``category_ids`` (label i is category ``category_ids[i]`` of the COCO JSON).
+        class_loss: ``ce`` (softmax over C classes + no-object, DETR) or ``focal`` (per-class sigmoid
+            with the focal loss and the focal matching cost, Deformable DETR / DINO).
+        focal_alpha, focal_gamma: focal loss parameters.
         cost_class, cost_bbox, cost_giou: Hungarian matching costs.
-        eos_coef: weight of the no-object class in the classification loss.
+        eos_coef: weight of the no-object class in the classification loss (``ce`` only).
         loss_ce, loss_bbox, loss_giou: loss weights (applied to every decoder layer).
         top_k: detections kept per image for evaluation.
         **optim: optimizer / schedule settings of :class:`tasks.base.BaseTask`.
@@ -36,6 +39,9 @@ class DetectionTask(BaseTask):
         self,
         model: dict,
         data_info: dict,
+        class_loss: str = "ce",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
@@ -49,9 +55,14 @@ class DetectionTask(BaseTask):
         super().__init__(**optim)
         self.save_hyperparameters()
         self.data_info = data_info
-        self.model = build_detr(num_classes=data_info["num_classes"], **model)
-        matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou)
-        self.criterion = SetCriterion(data_info["num_classes"], matcher, eos_coef)
+        if class_loss not in ("ce", "focal"):
+            raise ValueError(f"task.class_loss must be 'ce' or 'focal', got {class_loss!r}")
+        focal = class_loss == "focal"
+        if "sigmoid_classes" in model:
+            raise ValueError("set task.class_loss (ce|focal) instead of model.sigmoid_classes")
+        self.model = build_detr(num_classes=data_info["num_classes"], sigmoid_classes=focal, **model)
+        matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma)
+        self.criterion = SetCriterion(data_info["num_classes"], matcher, eos_coef, focal, focal_alpha, focal_gamma)
         self.loss_weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         self.top_k = top_k
         self.register_buffer(
@@ -63,11 +74,11 @@ class DetectionTask(BaseTask):
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.adapter.body.parameters()
 
-    def forward(self, images: Tensor, pixel_mask: Tensor) -> dict:
-        return self.model(images, pixel_mask)
+    def forward(self, images: Tensor, pixel_mask: Tensor, targets: list[dict] | None = None) -> dict:
+        return self.model(images, pixel_mask, targets)
 
     def _losses(self, batch: dict) -> tuple[dict, dict[str, Tensor], Tensor]:
-        outputs = self(batch["images"], batch["pixel_mask"])
+        outputs = self(batch["images"], batch["pixel_mask"], batch["targets"])
         losses = self.criterion(outputs, batch["targets"])
         return outputs, losses, weighted_loss(losses, self.loss_weights)
 
@@ -87,7 +98,7 @@ class DetectionTask(BaseTask):
     def predictions(self, outputs: dict, targets: list[dict]) -> list[dict[str, Tensor]]:
         """Detections in the original image's absolute xyxy pixels, labels as contiguous indices."""
         sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
-        return postprocess(outputs, sizes, self.top_k)
+        return postprocess(outputs, sizes, self.top_k, sigmoid=self.model.sigmoid_classes)
 
     def _eval_step(self, batch: dict, metric: MeanAveragePrecision, prefix: str) -> dict:
         outputs, losses, loss = self._losses(batch)
