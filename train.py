@@ -20,15 +20,18 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from datamodules.coco import DataError
+from tasks.reliability import RunGuard, TrainingInterrupted
 from tasks.runtime import (
     ConfigError,
     callbacks_for,
     close_loggers,
+    find_good_checkpoint,
     instantiate_dict,
     mirror_lightning_logs,
     register_resolvers,
     register_schema,
     resolve_checkpoint,
+    resume_command,
     to_plain,
     wandb_summary,
 )
@@ -51,21 +54,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     task = instantiate(cfg.task, model=to_plain(cfg.model), data_info=datamodule.data_info)
     loggers = instantiate_dict(cfg.logger, id=wandb_id)
-    callbacks = callbacks_for(instantiate_dict(cfg.callbacks), loggers)
+    guard = RunGuard()  # RNG state in checkpoints, SIGINT/SIGTERM -> checkpoint + stop, NaN weights never saved
+    callbacks = callbacks_for(instantiate_dict(cfg.callbacks), loggers) + [guard]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(to_plain(cfg))
 
     if cfg.train:
         try:
-            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit after saving
-            summary = wandb_summary(loggers)
-            close_loggers(loggers, "interrupted")
-            log.info(f"interrupted; resume with: python train.py task={cfg.task_name} ckpt_path=last")
-            if summary:
-                log.info(summary)
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except FloatingPointError as e:  # NaN/Inf loss or weights: nothing poisoned was saved
+            close_loggers(loggers, "failed")
+            good = find_good_checkpoint(trainer, ckpt_path)
+            raise TrainingDiverged(
+                f"{e} -- training stopped at global step {trainer.global_step}; nothing was saved after it. "
+                + (f"Last good checkpoint: {good} (resume: {resume_command(cfg, good)})" if good
+                   else "No checkpoint was saved before it.")
+            ) from e
+        except (KeyboardInterrupt, SystemExit) as e:  # RunGuard saved after the step; a 2nd Ctrl-C did not
+            _report_interruption(cfg, trainer, loggers, getattr(e, "checkpoint", None) or guard.saved_path, ckpt_path)
             raise
+        if guard.stop_signal is not None:  # signal during the last validation: the run ended, skip the test
+            _report_interruption(cfg, trainer, loggers, trainer.checkpoint_callback and
+                                 trainer.checkpoint_callback.last_model_path, ckpt_path)
+            raise TrainingInterrupted(guard.stop_signal, None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.train else ckpt_path
@@ -86,6 +98,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info(summary)
     close_loggers(loggers)
     return metrics
+
+
+class TrainingDiverged(ConfigError):
+    """The loss or the weights became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+def _report_interruption(cfg: DictConfig, trainer, loggers: list, saved: str | None, ckpt_path: str | None) -> None:
+    summary = wandb_summary(loggers) if trainer.is_global_zero else None
+    close_loggers(loggers, "interrupted")
+    if not trainer.is_global_zero:
+        return
+    good = saved if saved and os.path.isfile(saved) else find_good_checkpoint(trainer, ckpt_path)
+    if good:
+        log.info(f"interrupted at global step {trainer.global_step}; checkpoint: {good}")
+        log.info(f"resume with: {resume_command(cfg, good)}")
+    else:
+        log.info("interrupted before any checkpoint was saved; start again with the same command")
+    if summary:
+        log.info(summary)
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

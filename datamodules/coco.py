@@ -36,6 +36,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
 from .base import SplitDataModule
+from .sampling import EpochSampler, EvalSampler, ResumableDataLoader, SeededDataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,10 +146,15 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
             raise DataError(f"{path}: image id {img['id']} appears twice in 'images'.")
         image_ids.add(img["id"])
 
+    annotation_ids: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DataError(f"{path}: annotations[{i}] must be an object, got {ann!r}.")
         where = f"{path}: annotations[{i}] (id {ann.get('id')!r})"
+        if ann.get("id") is not None:
+            if ann["id"] in annotation_ids:
+                raise DataError(f"{where}: annotation id {ann['id']!r} appears twice in 'annotations'.")
+            annotation_ids.add(ann["id"])
         if ann.get("image_id") not in image_ids:
             raise DataError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in 'images'.")
         if ann.get("category_id") not in category_ids:
@@ -260,8 +266,18 @@ def load_rgb_image(path: str | Path, expected_size: tuple[int, int] | None = Non
     stored pixels do, the annotations were made on the un-rotated pixels, so orientation is not
     applied (with a warning); if neither matches, ``DataError``.
     """
-    with Image.open(path) as raw:
+    raw = None
+    try:
+        raw = Image.open(path)
         raw.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # corrupt or truncated file
+        if raw is not None:
+            raw.close()
+        raise DataError(
+            f"{path}: cannot decode the image ({type(e).__name__}: {e}); the file is corrupt or truncated. "
+            "Replace it or remove its entry from the JSON."
+        ) from e
+    with raw:
         oriented = raw
         if raw.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             oriented = ImageOps.exif_transpose(raw)
@@ -595,14 +611,25 @@ class CocoDataModule(SplitDataModule):
     def _loader(self, dataset: CocoDetectionDataset | None, shuffle: bool, name: str) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{name} dataset not built: call setup() with the matching stage first")
-        return DataLoader(
+        # Order and augmentations are functions of (seed, epoch, index); see datamodules/sampling.py.
+        generator = torch.Generator()
+        if shuffle:
+            sampler = EpochSampler(dataset, shuffle=True, generator=generator)
+            if self.trainer is not None:
+                sampler.set_epoch(self.trainer.current_epoch)
+            dataset = SeededDataset(dataset)
+        else:
+            sampler = EvalSampler(dataset)
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             collate_fn=partial(getattr(dataset, "collate_fn", collate_detection),  # multilabel: its own
                                size_divisibility=self.size_divisibility),
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            generator=generator,
+            progress=self.train_progress if shuffle else None,
         )

@@ -45,6 +45,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from datamodules.coco import DataError, MissingDataError
 
 from .base import SplitDataModule
+from .sampling import ResumableDataLoader
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")  # position = id
@@ -553,8 +554,10 @@ class TokenBucketBatchSampler(BatchSampler):
     one longer than ``max_tokens`` becomes a batch of its own (with a warning).
 
     Distributed: each of ``num_replicas`` ranks takes every ``num_replicas``-th batch of the common
-    list, padded by repeating batches so every rank gets the same count (duplicates carry the same
-    ``index``). ``num_replicas``/``rank`` default to those of ``sampler`` when Lightning injects a
+    list. With ``shuffle`` (training) the list is padded by repeating batches so every rank gets the same
+    count (duplicates carry the same ``index``); without it (evaluation) nothing is repeated, so every
+    sentence is scored exactly once and ranks may differ by one batch.
+    ``resume(k)`` skips the first ``k`` batches of the current epoch once (a mid-epoch restart). ``num_replicas``/``rank`` default to those of ``sampler`` when Lightning injects a
     ``DistributedSampler`` (its index order is otherwise ignored), else to the initialised process group.
     """
 
@@ -590,6 +593,8 @@ class TokenBucketBatchSampler(BatchSampler):
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank {self.rank} not in [0, {self.num_replicas})")
         self.epoch = 0
+        self.skip = 0
+        self.generator: torch.Generator | None = None  # reseeded per epoch when set (DataLoader base seed)
         self.sampler = _EpochForwarder(self)
         self.drop_last = False
         self.batch_size = None  # variable; the attribute exists for tools that look for it
@@ -603,8 +608,17 @@ class TokenBucketBatchSampler(BatchSampler):
         self._num_batches = len(self._cut(np.argsort(lengths, kind="stable")))
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle of ``epoch`` (no effect without ``shuffle``)."""
+        """Select the shuffle of ``epoch`` (no effect without ``shuffle``); a pending ``resume`` is kept
+        only for the same epoch."""
+        if int(epoch) != self.epoch:
+            self.skip = 0
         self.epoch = int(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def resume(self, skip: int) -> None:
+        """Skip the first ``skip`` batches of the current epoch on the next iteration."""
+        self.skip = max(0, int(skip))
 
     def _cut(self, order: np.ndarray) -> list[list[int]]:
         """Greedy batches over ``order`` (sorted by length): extend while B * max_len fits the budget."""
@@ -635,16 +649,21 @@ class TokenBucketBatchSampler(BatchSampler):
         key = self.epoch if self.shuffle else -1
         if self._cache is None or self._cache[0] != key:
             batches = self.global_batches()
-            if self.num_replicas > 1 and batches:
+            if self.num_replicas > 1 and batches and not self.shuffle:
+                batches = batches[self.rank :: self.num_replicas]
+            elif self.num_replicas > 1 and batches:
                 total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
                 batches = [batches[k % len(batches)] for k in range(total)][self.rank :: self.num_replicas]
             self._cache = (key, batches)
         return self._cache[1]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from (list(b) for b in self._rank_batches())
+        skip, self.skip = self.skip, 0
+        yield from (list(b) for b in self._rank_batches()[skip:])
 
     def __len__(self) -> int:
+        if not self.shuffle and self.num_replicas > 1:
+            return len(range(self.rank, self._num_batches, self.num_replicas))
         return math.ceil(self._num_batches / self.num_replicas)
 
 
@@ -791,17 +810,19 @@ class ParallelTextDataModule(SplitDataModule):
         if dataset is None:
             raise RuntimeError(f"{name} dataset not built: call setup() with the matching stage first")
         sampler = TokenBucketBatchSampler(dataset.lengths, self.max_tokens, shuffle=shuffle, seed=self.seed)
-        if shuffle and self.trainer is not None:
-            sampler.set_epoch(self.trainer.current_epoch)  # Lightning also calls set_epoch every epoch
+        generator = sampler.generator = torch.Generator()  # the loader's worker seeds: not the global RNG
+        sampler.set_epoch(self.trainer.current_epoch if shuffle and self.trainer is not None else 0)
         if self.num_workers > 0:
             # Workers never tokenise; this only silences the tokenizers library's warning at fork time.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=partial(collate_translation, pad_id=PAD_ID),
             persistent_workers=self.num_workers > 0,
+            generator=generator,
+            progress=self.train_progress if shuffle else None,
         )
 
 

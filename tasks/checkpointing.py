@@ -1,10 +1,11 @@
-"""Checkpoint safety: atomic writes."""
+"""Checkpoint safety: atomic writes, and a ``last.ckpt`` that really is the last epoch."""
 
 from __future__ import annotations
 
 import os
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,3 +27,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with ``save_last`` meaning *every* epoch.
+
+    Lightning 2.6 writes ``last.ckpt`` only when a top-k checkpoint was written at the same step, so an
+    epoch whose monitored metric did not improve leaves ``last.ckpt`` one or more epochs behind (and
+    ``ckpt_path=last`` would silently repeat them). Here ``last.ckpt`` is refreshed at the end of every
+    epoch (validation end, or training-epoch end when that is where checkpoints are saved).
+    """
+
+    def _refresh_last(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)

@@ -138,6 +138,33 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, str | None]:
     return path, meta.get("wandb_run_id")
 
 
+def find_good_checkpoint(trainer, resumed_from: str | None = None) -> str | None:
+    """The newest checkpoint this run can fall back to: its ``last.ckpt`` (this run's or one already in
+    its checkpoint folder), else the checkpoint it resumed from."""
+    cb = trainer.checkpoint_callback
+    candidates = [getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", "")]
+    folder = getattr(cb, "dirpath", None)
+    if folder:
+        candidates.append(os.path.join(folder, "last.ckpt"))
+    candidates.append(resumed_from or "")
+    return next((os.path.abspath(p) for p in candidates if p and os.path.isfile(p)), None)
+
+
+def resume_command(cfg: DictConfig, checkpoint: str) -> str:
+    """The command that continues this run: the same command-line overrides plus ``ckpt_path=<checkpoint>``."""
+    import shlex
+
+    overrides: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - not under @hydra.main (tests, notebooks): name the task only
+        overrides = [f"task={cfg.task_name}"]
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
+    return shlex.join(["python", "train.py", *overrides, f"ckpt_path={checkpoint}"])
+
+
 def instantiate_dict(cfg: DictConfig | None, **extra: Any) -> list[Any]:
     """Instantiate each named entry of a config dict (callbacks, loggers); null entries are skipped."""
     if not cfg:

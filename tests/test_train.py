@@ -116,3 +116,93 @@ def test_ddp_cpu_two_processes(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert proc.stdout.count("run folder:") + proc.stderr.count("run folder:") == 1  # rank 0 only
+
+
+# ---------------------------------------------------------------------------------------------
+# reliability: exact resume, interruptions, divergence
+# ---------------------------------------------------------------------------------------------
+
+EXACT = ["data.num_train=8", "logger=none", "test=false", "trainer.limit_val_batches=1", "trainer.precision=32-true",
+         "model.dropout=0.1", "callbacks.visualizer=null"]
+
+
+def _weights(path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel())
+
+
+def test_resume_at_epoch_end_is_exact(make_cfg, tmp_path):
+    """2 epochs straight == 1 epoch + resume for 1 (data order, flips, dropout RNG, AdamW, LR schedule)."""
+    out = tmp_path / "outputs" / "detection"
+    train(make_cfg(*EXACT, "trainer.max_epochs=2", run="straight"))
+    train(make_cfg(*EXACT, "trainer.max_epochs=1", run="half"))
+    half = torch.load(out / "half/checkpoints/last.ckpt", weights_only=True)
+    assert half["global_step"] == 2 and "rng" in half["callbacks"]["RunGuard"]
+    train(make_cfg(*EXACT, "trainer.max_epochs=2", f"ckpt_path={out / 'half/checkpoints/last.ckpt'}", run="resumed"))
+    straight, resumed = _weights(out / "straight/checkpoints/last.ckpt"), _weights(out / "resumed/checkpoints/last.ckpt")
+    assert _max_diff(straight, resumed) <= 1e-6
+    # and the check can fail: one epoch less is far away
+    assert _max_diff(straight, _weights(out / "half/checkpoints/last.ckpt")) > 1e-3
+
+
+def test_sigterm_mid_run_saves_and_resume_is_exact(make_cfg, tmp_path, cache_dir):
+    """SIGTERM to a real `python train.py`: it saves after the current step, exits 143 printing the resume
+    command; resuming from that (mid-epoch) checkpoint ends with the same weights as an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import TINY_DATA, TINY_MODEL
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "outputs" / "detection"
+    common = [*EXACT, "trainer.max_epochs=3"]  # 2 steps per epoch, 6 in all
+    cmd = [sys.executable, "train.py", *TINY_MODEL, *TINY_DATA, *common, f"paths.log_dir={tmp_path / 'outputs'}",
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={out / 'killed'}", "callbacks.progress_bar.refresh_rate=0"]
+    env = {**os.environ, "WANDB_MODE": "offline"}  # same thread count as this process: same float sums
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = out / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:  # end of epoch 0 (step 2)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    ckpt = torch.load(last, weights_only=True)
+    assert 2 < ckpt["global_step"] < 6, ckpt["global_step"]
+    assert f"ckpt_path={last}" in output and "resume with: python train.py" in output
+    assert not [p for p in last.parent.iterdir() if ".tmp-" in p.name]  # the atomic write left nothing behind
+
+    train(make_cfg(*common, f"ckpt_path={last}", run="resumed"))
+    train(make_cfg(*common, run="straight"))
+    resumed = torch.load(out / "resumed/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 6
+    assert _max_diff(_weights(out / "straight/checkpoints/last.ckpt"), resumed["state_dict"]) <= 1e-6
+
+
+def test_diverging_run_stops_without_overwriting_checkpoints(make_cfg, tmp_path):
+    from train import TrainingDiverged
+
+    folder = tmp_path / "outputs" / "detection" / "same" / "checkpoints"
+    train(make_cfg(*EXACT, "trainer.max_epochs=1", run="same"))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # a genuinely diverging run (lr 1e30) writing into the same folder
+    with pytest.raises(TrainingDiverged, match=r"global step \d+.*Last good checkpoint: .*last\.ckpt") as err:
+        train(make_cfg(*EXACT, "trainer.max_epochs=3", "task.lr=1e30", "task.lr_backbone=1e30",
+                       "task.warmup_steps=0", run="same"))
+    print(err.value)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_truncated_checkpoint_is_explained(make_cfg, tmp_path):
+    path = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "mtdetr": {"task": "detection"}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a copy interrupted half way
+    with pytest.raises(ConfigError, match=r"cut\.ckpt.*is not a readable checkpoint.*truncated"):
+        train(make_cfg(f"ckpt_path={path}", "logger=none"))

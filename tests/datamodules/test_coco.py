@@ -331,3 +331,32 @@ def test_exif_ignored_when_json_describes_stored_pixels(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="EXIF orientation is ignored"):
         im = load_rgb_image(tmp_path / "r.jpg", (40, 20))
     assert im.size == (40, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: every case of docs/bad-inputs.md that is not tested above
+# ---------------------------------------------------------------------------------------------
+
+
+def test_corrupt_and_truncated_images_named(tmp_path: Path) -> None:
+    write_coco(tmp_path, [("a.png", 64, 48), ("b.png", 64, 48)], [])
+    (tmp_path / "images" / "a.png").write_bytes(b"this is not a png")
+    ds = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")
+    with pytest.raises(DataError, match=r"a\.png: cannot decode the image .*corrupt or truncated"):
+        ds[0]
+    Image.effect_noise((64, 48), 60).convert("RGB").save(tmp_path / "images" / "b.png")  # incompressible
+    full = (tmp_path / "images" / "b.png").read_bytes()
+    (tmp_path / "images" / "b.png").write_bytes(full[: len(full) // 2])
+    with pytest.raises(DataError, match=r"b\.png: cannot decode the image .*corrupt or truncated"):
+        ds[1]
+
+
+@pytest.mark.parametrize("what", ["images", "categories", "annotations"])
+def test_duplicate_ids_refused(tmp_path: Path, what: str) -> None:
+    path = write_coco(tmp_path, [("a.png", 10, 10), ("b.png", 10, 10)],
+                      [(1, 5, [0.0, 0.0, 5.0, 5.0]), (2, 5, [0.0, 0.0, 5.0, 5.0])])
+    data = json.loads(path.read_text())
+    data[what][1]["id"] = data[what][0]["id"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"train\.json.*appears twice"):
+        CocoDetectionDataset(tmp_path / "images", path)
