@@ -101,15 +101,18 @@ class MultiheadAttention(nn.Module):
                     k = torch.cat((cache["k"], k), dim=2)
                     v = torch.cat((cache["v"], v), dim=2)
                 cache["k"], cache["v"] = k, v
-        if need_weights:  # explicit softmax: the copy mechanism and guided attention read the weights
+        # explicit softmax when the copy mechanism / guided attention read the weights, and for
+        # reduced precision on CPU, where SDPA's bf16 kernels (forward + backward) run 3-8x slower
+        # than these two matmuls (benchmarks/README.md); the softmax itself stays in float32
+        if need_weights or (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
             scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
             if is_causal and attn_mask is None:
                 t, s = scores.shape[-2:]
                 attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
-            probs = scores.softmax(-1)
-            out = F.dropout(probs, self.dropout, self.training) @ v
+            probs = scores.float().softmax(-1)
+            out = F.dropout(probs, self.dropout, self.training).to(v.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(
                 q,
@@ -248,8 +251,10 @@ class Seq2SeqTransformer(nn.Module):
         src: Tensor,  # [B, S, D]
         src_pos: Tensor | None = None,  # [B, S, D] or [S, D]
         src_padding_mask: Tensor | None = None,  # [B, S] bool, True = padding
+        pos_at_every_layer: bool | None = None,  # this call's position convention (None: the instance's)
     ) -> Tensor:  # memory [B, S, D]
-        if src_pos is not None and not self.pos_at_every_layer:
+        every = self.pos_at_every_layer if pos_at_every_layer is None else pos_at_every_layer
+        if src_pos is not None and not every:
             src, src_pos = src + src_pos, None
         mask = _attention_mask(src_padding_mask, None)
         for layer in self.encoder_layers:
@@ -274,6 +279,7 @@ class Seq2SeqTransformer(nn.Module):
         return_intermediate: bool = True,
         return_cross_attn: bool = False,
         pos_update: Callable[[int, Tensor], Tensor] | None = None,
+        pos_at_every_layer: bool | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Decoder hidden states ``[L, B, T, D]`` (L = number of decoder layers, or 1 without
         intermediates); with ``return_cross_attn`` also the last layer's head-averaged cross-attention
@@ -281,12 +287,16 @@ class Seq2SeqTransformer(nn.Module):
 
         ``pos_update(i, hs_i)``, if given, is called after every layer but the last with that layer's
         normalised output ``[B, T, D]`` and returns the query positions of layer ``i + 1`` (iterative
-        box refinement: each layer's predicted boxes become the next layer's anchors)."""
-        if pos_update is not None and not self.pos_at_every_layer:
+        box refinement: each layer's predicted boxes become the next layer's anchors).
+
+        ``pos_at_every_layer`` overrides the instance's position convention for this call (one instance
+        shared by tasks with different conventions, ``modules.multitask.TaskTransformer``)."""
+        every = self.pos_at_every_layer if pos_at_every_layer is None else pos_at_every_layer
+        if pos_update is not None and not every:
             raise ValueError("pos_update needs pos_at_every_layer=True (positions added in every layer)")
-        if tgt_pos is not None and not self.pos_at_every_layer:
+        if tgt_pos is not None and not every:
             tgt, tgt_pos = tgt + tgt_pos, None
-        if self.pos_at_every_layer and memory_pos is not None:
+        if every and memory_pos is not None:
             memory_k = memory + memory_pos
         else:
             memory_k = memory

@@ -77,3 +77,29 @@ def test_sine_positions_ignore_padding():
     assert alone.shape == (1, 4, 6, 16)
     torch.testing.assert_close(padded[:, :4, :6], alone)
     assert not torch.allclose(alone[0, 0, 0], alone[0, 0, 1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_attention_path_equals_sdpa(causal):
+    """The explicit-softmax path (used for attention weights and for bf16 on CPU) computes the same
+    attention as SDPA, with masks and causality, and in bf16 stays within bf16 rounding of float32."""
+    from modules.transformer import MultiheadAttention, _attention_mask
+
+    torch.manual_seed(0)
+    attn = MultiheadAttention(32, 4).eval()
+    x, mem = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    if causal:
+        args, kw = (x, x, x), {"is_causal": True}
+    else:
+        args, kw = (x, mem, mem), {"attn_mask": _attention_mask(pad, None)}
+    sdpa = attn(*args, **kw)
+    explicit, weights = attn(*args, **kw, need_weights=True)
+    torch.testing.assert_close(explicit, sdpa, rtol=1e-5, atol=1e-5)
+    if not causal:
+        assert weights[1, :, 5:].abs().max() == 0  # padding gets no attention
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attn(*args, **kw)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), sdpa, rtol=0.05, atol=0.05)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchmetrics.detection import MeanAveragePrecision
 
 from datamodules.coco import CocoDataModule
@@ -13,6 +15,7 @@ from datamodules.shapes import generate_shapes_dataset
 from modules.criterion import weighted_loss
 from tasks.detection import DetectionTask
 
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(backbone="resnet18", frozen_bn=False, trainable_layers=5, stride=16, d_model=64, nhead=4,
              num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=128, dropout=0.0, num_queries=10)
 
@@ -38,20 +41,36 @@ def evaluate(task: DetectionTask, batch: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metric.compute().items() if k in ("map", "map_50")}
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
-def test_detr_overfits_two_images(tmp_path, bf16):
+def default_recipe() -> tuple[dict, dict]:
+    """The shipped recipe's technique switches (configs/model/detr_small.yaml) and loss settings
+    (configs/task/detection.yaml), so the learning test follows the default."""
+    model = OmegaConf.load(ROOT / "configs" / "model" / "detr_small.yaml")
+    task = OmegaConf.load(ROOT / "configs" / "task" / "detection.yaml").task
+    switches = {k: model[k] for k in ("anchor_queries", "box_refine", "num_groups", "two_stage", "dn_groups",
+                                      "dn_label_noise", "dn_box_noise", "dn_contrastive")}
+    losses = {k: task[k] for k in ("class_loss", "focal_alpha", "focal_gamma", "cost_class", "cost_bbox",
+                                   "cost_giou", "loss_ce", "loss_bbox", "loss_giou")}
+    return switches, losses
+
+
+@pytest.mark.parametrize("recipe,bf16", [("original", False), ("default", True)],
+                         ids=["original-fp32", "default-recipe-bf16-autocast"])
+def test_detr_overfits_two_images(tmp_path, recipe, bf16):
     """Set prediction learns: two images with 1-3 shapes each reach mAP@0.5 >= 0.9 within 300 steps,
-    in float32 and under the bf16 autocast that the default CPU run uses."""
+    with DETR's original losses and queries in float32, and with the shipped recipe (focal loss, anchor
+    queries refined per layer, query groups, two-stage, denoising) under the bf16 autocast that the
+    default CPU run uses."""
     torch.manual_seed(0)
     dm, batch = overfit_batch(tmp_path)
-    task = DetectionTask(model=SMALL, data_info=dm.data_info, lr=1e-3, lr_backbone=1e-3)
+    switches, losses = default_recipe() if recipe == "default" else ({}, {})
+    task = DetectionTask(model={**SMALL, **switches}, data_info=dm.data_info, lr=1e-3, lr_backbone=1e-3, **losses)
     before = evaluate(task, batch)
     opt = torch.optim.AdamW(task.parameters(), lr=1e-3, weight_decay=1e-4)
     start, result, steps = time.time(), before, 0
     for steps in range(1, 301):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            losses = task.criterion(task(batch["images"], batch["pixel_mask"]), batch["targets"])
-            loss = weighted_loss(losses, task.loss_weights)
+            terms = task.criterion(task(batch["images"], batch["pixel_mask"], batch["targets"]), batch["targets"])
+            loss = weighted_loss(terms, task.loss_weights)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.parameters(), 0.1)
@@ -60,7 +79,7 @@ def test_detr_overfits_two_images(tmp_path, bf16):
             result = evaluate(task, batch)
             if result["map_50"] >= 0.9:
                 break
-    print(f"overfit ({'bf16' if bf16 else 'fp32'}): {steps} steps, {time.time() - start:.1f}s, before {before}, after {result}")
+    print(f"overfit ({recipe}, {'bf16' if bf16 else 'fp32'}): {steps} steps, {time.time() - start:.1f}s, before {before}, after {result}")
     assert before["map_50"] < 0.2
     assert result["map_50"] >= 0.9, f"did not overfit in {steps} steps: {result}"
 
