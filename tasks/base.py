@@ -68,7 +68,9 @@ class BaseTask(L.LightningModule):
         """Parameters trained with ``lr_backbone`` (override: e.g. the CNN trunk)."""
         return iter(())
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups: ``main`` (``lr``) and, when the task has a trunk, ``backbone``
+        (``lr_backbone``; with ``lr_backbone == 0`` the trunk is frozen instead)."""
         backbone = {id(p) for p in self.backbone_parameters() if p.requires_grad}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone]
         groups = [{"params": rest, "lr": self.lr, "name": "main"}]
@@ -78,6 +80,10 @@ class BaseTask(L.LightningModule):
         elif backbone:  # lr_backbone == 0: freeze instead of wasting backward passes
             for p in self.backbone_parameters():
                 p.requires_grad_(False)
+        return groups
+
+    def configure_optimizers(self):
+        groups = self.param_groups()
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         total = float(self.trainer.estimated_stepping_batches) if self.scheduler_name == "cosine" else math.inf
         name, warmup, floor = self.scheduler_name, self.warmup_steps, self.min_lr_ratio
@@ -87,6 +93,23 @@ class BaseTask(L.LightningModule):
 
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    # multitask: a child task logs through its parent -----------------------------------------------
+    _log_parent: L.LightningModule | None = None
+    _log_prefix: str = ""
+
+    def log_through(self, parent: L.LightningModule, prefix: str) -> None:
+        """Make this task a child of ``parent`` (``tasks.multitask.MultiTask``), which Lightning drives:
+        from now on this task's ``log``/``log_dict`` go to the parent's ``log`` as ``<prefix>/<name>``
+        (no ``dataloader_idx`` suffix: the prefix already says which task, hence which loader)."""
+        object.__setattr__(self, "_log_parent", parent)  # a plain reference: not a submodule (no cycle)
+        self._log_prefix = prefix
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        if self._log_parent is not None:
+            kwargs["add_dataloader_idx"] = False
+            return self._log_parent.log(f"{self._log_prefix}/{name}", value, *args, **kwargs)
+        return super().log(name, value, *args, **kwargs)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
