@@ -129,5 +129,16 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"error: {e}")
 
 
+def quiet_other_ranks(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Under torchrun / SLURM every process runs this script: only global rank 0 keeps Hydra's
+    ``.hydra/`` folder and ``train.log``; the others log to stdout only (Lightning's own DDP launcher
+    already gives its children a separate ``hydra.output_subdir``)."""
+    rank = env.get("RANK", env.get("SLURM_PROCID", "0"))
+    if rank in ("", "0") or any(a.startswith(("hydra.output_subdir", "hydra/job_logging")) for a in argv):
+        return argv
+    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 if __name__ == "__main__":
+    sys.argv = quiet_other_ranks(sys.argv, dict(os.environ))
     main()

@@ -206,3 +206,15 @@ def test_truncated_checkpoint_is_explained(make_cfg, tmp_path):
     path.write_bytes(data[: len(data) // 2])  # a copy interrupted half way
     with pytest.raises(ConfigError, match=r"cut\.ckpt.*is not a readable checkpoint.*truncated"):
         train(make_cfg(f"ckpt_path={path}", "logger=none"))
+
+
+def test_only_rank_zero_keeps_hydra_files():
+    from train import quiet_other_ranks
+
+    argv = ["train.py", "task=detection"]
+    assert quiet_other_ranks(argv, {}) == argv
+    assert quiet_other_ranks(argv, {"RANK": "0"}) == argv
+    for env in ({"RANK": "3"}, {"SLURM_PROCID": "1"}):
+        assert quiet_other_ranks(argv, env)[-2:] == ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    lightning_child = [*argv, "hydra.output_subdir=.pl_hydra_rank_1"]
+    assert quiet_other_ranks(lightning_child, {"RANK": "1"}) == lightning_child
