@@ -222,6 +222,29 @@ def check_images_exist(images_dir: Path, data: dict[str, Any], json_path: Path) 
             f"{len(missing)} image file(s) listed in {json_path} are missing from {images_dir}, "
             f"e.g. {missing[:5]}. Restore the files or remove their entries from the JSON."
         )
+    unreadable = []
+    for img in data["images"]:
+        problem = image_header_problem(images_dir / img["file_name"])
+        if problem:
+            unreadable.append(f"{img['file_name']} ({problem})")
+    if unreadable:
+        raise DataError(
+            f"{len(unreadable)} image file(s) listed in {json_path} cannot be read as images, e.g. "
+            f"{unreadable[:5]}; they are corrupt or truncated. Replace them or remove their entries from the JSON."
+        )
+
+
+def image_header_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image, from a cheap check at setup (None if it looks fine): the
+    header must parse, and PNG files must pass their chunk CRC check to the end (which catches
+    truncation). Other formats (JPEG) are fully checked only when first decoded."""
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                im.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

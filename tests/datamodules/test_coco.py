@@ -360,3 +360,16 @@ def test_duplicate_ids_refused(tmp_path: Path, what: str) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"train\.json.*appears twice"):
         CocoDetectionDataset(tmp_path / "images", path)
+
+
+def test_corrupt_and_truncated_images_stop_the_run_at_setup(tmp_path: Path) -> None:
+    """Not mid-epoch: setup names every unreadable image (a non-image file, a truncated PNG)."""
+    write_coco(tmp_path, [("a.png", 64, 48), ("b.png", 64, 48), ("c.png", 64, 48)], [], "train.json")
+    write_coco(tmp_path, [("c.png", 64, 48)], [], "val.json", write_images=False)
+    (tmp_path / "images" / "a.png").write_bytes(b"this is not a png")
+    Image.effect_noise((64, 48), 60).convert("RGB").save(tmp_path / "images" / "b.png")
+    full = (tmp_path / "images" / "b.png").read_bytes()
+    (tmp_path / "images" / "b.png").write_bytes(full[: len(full) // 2])
+    dm = CocoDataModule(str(tmp_path), batch_size=2, num_workers=0)
+    with pytest.raises(DataError, match=r"2 image file\(s\) listed in .*train\.json cannot be read.*a\.png.*b\.png"):
+        dm.setup("fit")
