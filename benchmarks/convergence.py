@@ -133,12 +133,7 @@ def evaluate(trainer, task, loader) -> dict[str, float]:
     with trainer.precision_plugin.forward_context():
         for batch in loader:
             batch = trainer.strategy.batch_to_device(batch)
-            outputs = task(batch["images"], batch["pixel_mask"])
-            preds = task.predictions(outputs, batch["targets"])
-            metric.update(
-                [{"boxes": p["boxes"], "scores": p["scores"], "labels": task.category_ids[p["labels"]]} for p in preds],
-                [task._ground_truth(t) for t in batch["targets"]],
-            )
+            task.update_map(metric, task(batch["images"], batch["pixel_mask"]), batch["targets"])
     result = metric.compute()
     task.train(was_training)
     return {name: round(max(float(result[key]), 0.0), 4) for key, name in

@@ -106,13 +106,19 @@ class DetectionTask(BaseTask):
         self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
         for k in ("loss_ce", "loss_bbox", "loss_giou"):
             self.log(f"{prefix}/{k}", losses[k], batch_size=bs, sync_dist=True)
-        preds = self.predictions(outputs, batch["targets"])
+        preds = self.update_map(metric, outputs, batch["targets"])
+        return {"loss": loss, "outputs": outputs, "preds": preds}
+
+    def update_map(self, metric: MeanAveragePrecision, outputs: dict, targets: list[dict]) -> list[dict]:
+        """Add one batch to a COCO mAP metric, in the file's category ids and original pixels;
+        returns the detections (contiguous labels)."""
+        preds = self.predictions(outputs, targets)
         cat = self.category_ids
         metric.update(
             [{"boxes": p["boxes"], "scores": p["scores"], "labels": cat[p["labels"]]} for p in preds],
-            [self._ground_truth(t) for t in batch["targets"]],
+            [self._ground_truth(t) for t in targets],
         )
-        return {"loss": loss, "outputs": outputs, "preds": preds}
+        return preds
 
     def _ground_truth(self, target: dict) -> dict[str, Tensor]:
         h, w = target["orig_size"].tolist()

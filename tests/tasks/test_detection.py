@@ -34,9 +34,7 @@ def evaluate(task: DetectionTask, batch: dict) -> dict[str, float]:
     with torch.no_grad():
         outputs = task(batch["images"], batch["pixel_mask"])
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
-    preds = task.predictions(outputs, batch["targets"])
-    metric.update([{**p, "labels": task.category_ids[p["labels"]]} for p in preds],
-                  [task._ground_truth(t) for t in batch["targets"]])
+    task.update_map(metric, outputs, batch["targets"])
     task.train()
     return {k: float(v) for k, v in metric.compute().items() if k in ("map", "map_50")}
 
