@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import cpu_model, emit_json, max_rss_mib  # noqa: E402
 from modules.decoding import beam_search, greedy_decode  # noqa: E402
-from modules.translation import TranslationModel, label_smoothed_nll, shift_right  # noqa: E402
+from modules.translation import TranslationModel, shift_right  # noqa: E402
 
 # datamodules.text's fixed special ids (checked in prepare_data; workers do not import the data
 # module, which would pull Lightning into every timed process)
@@ -252,17 +252,23 @@ def train_inputs(impl: str, batch: dict) -> dict:
     }
 
 
-def forward_log_probs(impl: str, model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(log-probs [B, T, V], labels [B, T], ignore index) of one teacher-forced pass."""
-    if impl == "ours":  # as TranslationTask._losses: causal mask only, vocabulary projection on real targets
+def forward_loss(impl: str, model: torch.nn.Module, inputs: dict, epsilon: float) -> torch.Tensor:
+    """Label-smoothed cross entropy of one teacher-forced pass, each side the way its users compute it.
+
+    Ours: as ``TranslationTask._losses`` (causal mask only, vocabulary projection on the real targets,
+    the fused float32 loss on the logits). Marian: PyTorch's own label-smoothed ``F.cross_entropy`` on
+    the float32 logits, padding ignored: the same quantity (fairseq's smoothing: (1 - eps) * NLL +
+    eps * mean over the vocabulary of -log p)."""
+    if impl == "ours":
         tgt_in, labels = shift_right(inputs["tgt"])
         keep = ~inputs["tgt_padding_mask"][:, 1:]
-        out = model(inputs["src"], inputs["src_padding_mask"], tgt_in, None, select=keep)
-        return out["log_probs"], labels[keep], PAD_ID
+        out = model(inputs["src"], inputs["src_padding_mask"], tgt_in, None, select=keep, hidden=True)
+        return model.sequence_loss(out, labels[keep], epsilon, PAD_ID)[0]
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                 decoder_input_ids=inputs["decoder_input_ids"], use_cache=False, return_dict=True)
-    # the same float32 log-softmax our model applies to its logits
-    return out.logits.float().log_softmax(-1), inputs["labels"], HF_IGNORE
+    logits = out.logits.float()
+    return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), inputs["labels"].view(-1),
+                                             ignore_index=HF_IGNORE, label_smoothing=epsilon)
 
 
 def run_train(impl: str, precision: str, setting: Setting, args: argparse.Namespace, data: dict) -> dict:
@@ -277,8 +283,7 @@ def run_train(impl: str, precision: str, setting: Setting, args: argparse.Namesp
 
     def step(inputs: dict) -> float:
         with autocast(precision):
-            log_probs, labels, ignore = forward_log_probs(impl, model, inputs)
-            loss, _ = label_smoothed_nll(log_probs, labels, setting.label_smoothing, ignore)
+            loss = forward_loss(impl, model, inputs, setting.label_smoothing)
         value = loss.item()  # the training loop reads the loss every step (finite check / logging)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import Dropout, dropout
+
 LayerCache = dict[str, Any]
 
 
@@ -101,10 +103,12 @@ class MultiheadAttention(nn.Module):
                     k = torch.cat((cache["k"], k), dim=2)
                     v = torch.cat((cache["v"], v), dim=2)
                 cache["k"], cache["v"] = k, v
-        # explicit softmax when the copy mechanism / guided attention read the weights, and for
-        # reduced precision on CPU, where SDPA's bf16 kernels (forward + backward) run 3-8x slower
-        # than these two matmuls (benchmarks/README.md); the softmax itself stays in float32
-        if need_weights or (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
+        # explicit softmax when the copy mechanism / guided attention read the weights, and on CPU
+        # for reduced precision, where SDPA's bf16 kernels (forward + backward) run 3-8x slower than
+        # these two matmuls (benchmarks/README.md), and for attention dropout, which sends SDPA to its
+        # math path with a bernoulli_ mask (modules/dropout.py); the softmax itself stays in float32
+        drop = self.dropout if self.training else 0.0
+        if need_weights or (q.device.type == "cpu" and (drop > 0 or q.dtype in (torch.bfloat16, torch.float16))):
             scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
             if is_causal and attn_mask is None:
                 t, s = scores.shape[-2:]
@@ -112,14 +116,14 @@ class MultiheadAttention(nn.Module):
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             probs = scores.float().softmax(-1)
-            out = F.dropout(probs, self.dropout, self.training).to(v.dtype) @ v
+            out = dropout(probs.to(v.dtype), drop) @ v
         else:
             out = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
                 attn_mask=attn_mask,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=drop,
                 is_causal=is_causal and attn_mask is None,
             )
         bsz, _, t, _ = out.shape
@@ -133,7 +137,7 @@ class FeedForward(nn.Sequential):
         if act is None:
             raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
         super().__init__(
-            nn.Linear(d_model, dim_feedforward), act, nn.Dropout(dropout), nn.Linear(dim_feedforward, d_model)
+            nn.Linear(d_model, dim_feedforward), act, Dropout(dropout), nn.Linear(dim_feedforward, d_model)
         )
 
 
@@ -146,7 +150,7 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(d_model, nhead, dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop1, self.drop2 = Dropout(dropout), Dropout(dropout)
 
     def forward(self, src: Tensor, pos: Tensor | None, attn_mask: Tensor | None) -> Tensor:
         if self.norm_first:
@@ -169,7 +173,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiheadAttention(d_model, nhead, dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
-        self.drop1, self.drop2, self.drop3 = (nn.Dropout(dropout) for _ in range(3))
+        self.drop1, self.drop2, self.drop3 = (Dropout(dropout) for _ in range(3))
 
     def forward(
         self,

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .dropout import Dropout
 from .position import sinusoidal_positions
 from .transformer import LayerCache, Seq2SeqTransformer
 
@@ -60,7 +61,7 @@ class TranslationModel(nn.Module):
         with torch.no_grad():
             self.embed.weight[pad_id].zero_()
         self.embed_scale = math.sqrt(d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.output = nn.Linear(d, vocab_size, bias=False)
         if tie_embeddings:
             self.output.weight = self.embed.weight
@@ -99,11 +100,15 @@ class TranslationModel(nn.Module):
         causal: bool = True,
         need_attn: bool = False,
         select: Tensor | None = None,
+        hidden: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probabilities ``[B, T, V]`` and (when asked, or with copy) cross-attention ``[B, T, S]``.
 
         ``select`` (bool ``[B, T]``): return log-probabilities ``[N, V]`` of the selected positions only
         (training: the non-pad targets), so the largest matmul, the vocabulary projection, skips padding.
+        ``hidden=True`` returns the last decoder states (``[B, T, D]`` or ``[N, D]``) instead, for
+        :meth:`sequence_loss`, which fuses the vocabulary projection with the loss; with the copy
+        mechanism the output is a mixture of distributions and log-probabilities are returned regardless.
         """
         want_attn = need_attn or self.copy_gate is not None
         out = self.transformer.decode(
@@ -113,8 +118,9 @@ class TranslationModel(nn.Module):
         )
         h, attn = out if want_attn else (out, None)
         h = h[0]
-        if select is not None and self.copy_gate is None:
-            return self.output(h[select]).float().log_softmax(-1), attn
+        if self.copy_gate is None and (select is not None or hidden):
+            h = h if select is None else h[select]
+            return (h if hidden else self.output(h).float().log_softmax(-1)), attn
         log_probs = self.log_probs(h, attn, memory, src)
         return (log_probs[select] if select is not None else log_probs), attn
 
@@ -148,35 +154,140 @@ class TranslationModel(nn.Module):
         causal: bool = True,
         need_attn: bool = False,
         select: Tensor | None = None,
+        hidden: bool = False,
     ) -> dict[str, Tensor]:
         """Teacher-forced pass: ``log_probs`` [B, T, V] (or [N, V] for the ``select``ed positions),
-        ``cross_attn`` [B, T, S] (if asked), ``memory``."""
+        or with ``hidden=True`` and no copy mechanism the decoder states ``hidden`` instead;
+        ``cross_attn`` [B, T, S] (if asked), ``memory``. :meth:`sequence_loss` takes either."""
         memory = self.encode(src, src_padding_mask)
-        log_probs, attn = self.decode(
+        scores, attn = self.decode(
             tgt_in, memory, src_padding_mask, src, tgt_padding_mask, causal=causal, need_attn=need_attn,
-            select=select,
+            select=select, hidden=hidden,
         )
-        out = {"log_probs": log_probs, "memory": memory}
+        out = {"hidden" if hidden and self.copy_gate is None else "log_probs": scores, "memory": memory}
         if attn is not None:
             out["cross_attn"] = attn
         return out
+
+    def sequence_loss(self, out: dict[str, Tensor], target: Tensor, epsilon: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+        """(label-smoothed loss, NLL) of a :meth:`forward` output: from its ``hidden`` states through
+        the vocabulary projection (:func:`linear_label_smoothed_cross_entropy`, fused), or from its
+        ``log_probs`` (:func:`label_smoothed_nll`)."""
+        if "hidden" in out:
+            h = out["hidden"]
+            return linear_label_smoothed_cross_entropy(
+                h.reshape(-1, h.shape[-1]), self.output.weight, target.reshape(-1), epsilon, ignore_index
+            )
+        return label_smoothed_nll(out["log_probs"], target, epsilon, ignore_index)
 
 
 def label_smoothed_nll(log_probs: Tensor, target: Tensor, epsilon: float, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Label-smoothed negative log-likelihood, averaged over non-pad target tokens.
 
-    ``log_probs`` [B, T, V], ``target`` [B, T]. Returns (smoothed loss, plain NLL) — the second is
-    what perplexity is computed from.
+    ``log_probs`` [..., V], ``target`` [...]. Returns (smoothed loss, plain NLL) — the second is
+    what perplexity is computed from. Ignored positions are masked, not indexed out, so the
+    ``[N, V]`` log-probabilities are never copied (and nothing waits on the device).
     """
     lp = log_probs.reshape(-1, log_probs.shape[-1])
     tgt = target.reshape(-1)
     keep = tgt != ignore_index
-    lp, tgt = lp[keep], tgt[keep]
-    nll = -lp.gather(-1, tgt[:, None]).squeeze(-1)
+    nll = -lp.gather(-1, tgt.masked_fill(~keep, 0)[:, None]).squeeze(-1)
     smooth = -lp.mean(-1)
-    loss = (1 - epsilon) * nll + epsilon * smooth
-    n = max(int(keep.sum()), 1)
-    return loss.sum() / n, nll.sum() / n
+    n = keep.sum().clamp_min(1)
+    loss = ((1 - epsilon) * nll + epsilon * smooth).masked_fill(~keep, 0.0)
+    return loss.sum() / n, nll.masked_fill(~keep, 0.0).sum() / n
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in here: autocast's, when it is on for ``x``'s device."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class _LinearSmoothedCrossEntropy(torch.autograd.Function):
+    """Vocabulary projection + label-smoothed cross entropy in row chunks, gradients included.
+
+    Forward, per chunk of rows: logits in the compute dtype, then in float32 the log-sum-exp, the
+    target's logit and the mean logit (the loss) and, when a gradient is needed, the logits' gradient
+    ``(softmax - (1 - eps) * onehot - eps / V) / n`` in place; the chunk stays in cache and is written
+    once, in the compute dtype, into an ``[N, V]`` buffer that two matmuls turn into the gradients of
+    the states and of the weight. Backward only scales them. No float32 ``[N, V]`` tensor is kept.
+    The gradient of the returned NLL (used for perplexity, normally detached) is the loss's minus
+    ``eps * (onehot - 1/V) / n`` through the projection, added only when asked.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, epsilon: float, ignore_index: int, chunk: int):
+        dtype = _compute_dtype(h)
+        acc = torch.promote_types(dtype, torch.float32)
+        keep = target != ignore_index
+        tgt = target.masked_fill(~keep, 0)
+        row_w = keep.to(acc) / keep.sum().clamp_min(1)  # 1/n on kept rows, 0 on ignored ones
+        hc, wc = h.to(dtype), weight.to(dtype)
+        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        n_rows, vocab = h.shape[0], weight.shape[0]
+        g = torch.empty(n_rows, vocab, dtype=dtype, device=h.device) if grad else None
+        loss = h.new_zeros((), dtype=acc)
+        nll_sum = h.new_zeros((), dtype=acc)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, n_rows, chunk):
+                rows = slice(i, i + chunk)
+                t, w = tgt[rows, None], row_w[rows]
+                x = (hc[rows] @ wc.t()).to(acc)
+                target_logit, mean_logit = x.gather(-1, t).squeeze(-1), x.mean(-1)
+                top = x.amax(-1, keepdim=True)
+                total = x.sub_(top).exp_().sum(-1)  # x is exp(logits - max) from here on
+                lse = top.squeeze(-1) + total.log()
+                nll = lse - target_logit
+                loss += (((1 - epsilon) * nll + epsilon * (lse - mean_logit)) * w).sum()
+                nll_sum += (nll * w).sum()
+                if grad:
+                    x.mul_((w / total)[:, None])  # softmax / n
+                    x.scatter_add_(-1, t, -((1 - epsilon) * w)[:, None]).sub_((epsilon / vocab * w)[:, None])
+                    g[rows] = x
+            grad_h = (g @ wc).to(h.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (g.t() @ hc).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(grad_h, grad_w, hc, wc, tgt, row_w)
+        ctx.epsilon = epsilon
+        ctx.set_materialize_grads(False)  # an unused NLL gets no gradient work
+        return loss, nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor | None, grad_nll: Tensor | None):
+        grad_h, grad_w, hc, wc, tgt, row_w = ctx.saved_tensors
+        # d/d logits of (gl * loss + gn * nll) = (gl + gn) * d loss - gn * eps * (onehot - 1/V) * row_w
+        if grad_loss is None and grad_nll is None:
+            return None, None, None, None, None, None
+        scale = sum(g for g in (grad_loss, grad_nll) if g is not None)
+        gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * scale.to(grad_w.dtype) if grad_w is not None else None
+        if grad_nll is not None:
+            c = grad_nll.to(row_w.dtype) * ctx.epsilon * row_w  # [N]
+            w32, h32 = wc.to(c.dtype), hc.to(c.dtype)
+            if gh is not None:
+                gh = gh - (c[:, None] * (w32[tgt] - w32.mean(0))).to(gh.dtype)
+            if gw is not None:
+                ch = c[:, None] * h32
+                onehot_part = torch.zeros_like(w32).index_add_(0, tgt, ch)
+                gw = gw - (onehot_part - ch.sum(0) / w32.shape[0]).to(gw.dtype)
+        return gh, gw, None, None, None, None
+
+
+def linear_label_smoothed_cross_entropy(
+    h: Tensor, weight: Tensor, target: Tensor, epsilon: float, ignore_index: int, chunk: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`label_smoothed_nll` of ``log_softmax(h @ weight.T)``, without materialising the logits.
+
+    ``h`` [N, D], ``weight`` [V, D] (the output projection, no bias), ``target`` [N]. The matmuls run in
+    the compute dtype (autocast's when on), the softmax arithmetic in float32. ``chunk`` rows are
+    processed at a time (default: about 8 MB of float32 logits). Values and gradients equal the
+    unfused computation's (tests); the speed-up is in ``benchmarks/README.md``.
+    """
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or target.shape != h.shape[:1]:
+        raise ValueError(f"h must be [N, D], weight [V, D] and target [N], got {tuple(h.shape)}, "
+                         f"{tuple(weight.shape)} and {tuple(target.shape)}")
+    chunk = chunk or max(1, (1 << 21) // weight.shape[0])
+    return _LinearSmoothedCrossEntropy.apply(h, weight, target, epsilon, ignore_index, chunk)
 
 
 def guided_attention_loss(

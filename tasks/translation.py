@@ -133,9 +133,9 @@ class TranslationTask(BaseTask):
             # after it, and padded positions are not scored (``select``), so SDPA's causal fast path
             # applies and the vocabulary projection runs on real tokens only.
             keep = ~label_pad
-            out = self.model(src, src_mask, tgt_in, None, need_attn=need_attn, select=keep)
-            log_probs, attn = out["log_probs"], out.get("cross_attn")
-            loss, nll = label_smoothed_nll(log_probs, labels[keep], self.label_smoothing, self.pad_id)
+            out = self.model(src, src_mask, tgt_in, None, need_attn=need_attn, select=keep, hidden=True)
+            attn = out.get("cross_attn")
+            loss, nll = self.model.sequence_loss(out, labels[keep], self.label_smoothing, self.pad_id)
             attn_mask = in_mask
             if train and self.ss_max_prob > 0:
                 losses["scheduled_sampling_prob"] = torch.tensor(prob)

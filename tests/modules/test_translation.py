@@ -2,7 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.translation import TranslationModel, guided_attention_loss, label_smoothed_nll, shift_right
+from modules.translation import (
+    TranslationModel,
+    guided_attention_loss,
+    label_smoothed_nll,
+    linear_label_smoothed_cross_entropy,
+    shift_right,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 20
@@ -176,6 +182,73 @@ def test_label_smoothed_nll_ignores_pad_and_smooths_towards_uniform():
     torch.testing.assert_close(nll, true.mean())  # the plain NLL does not depend on epsilon
     uniform = torch.full((2, 5, 7), -torch.log(torch.tensor(7.0)))
     assert float(label_smoothed_nll(uniform, target, 0.3, PAD)[0]) == pytest.approx(float(torch.log(torch.tensor(7.0))))
+
+
+# fused projection + loss ----------------------------------------------------------------------------
+def _unfused(h, weight, target, eps):
+    return label_smoothed_nll((h @ weight.t()).double().log_softmax(-1), target, eps, PAD)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, None], ids=["chunk1", "chunk3", "chunk4", "default"])
+@pytest.mark.parametrize("nll_weight", [0.0, 0.3], ids=["loss", "loss+nll"])
+def test_linear_cross_entropy_equals_projection_then_label_smoothed_nll(chunk, nll_weight):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(1, 9, (10,), generator=g)
+    target[[2, 7]] = PAD  # ignored rows
+    loss, nll = linear_label_smoothed_cross_entropy(h, weight, target, 0.1, PAD, chunk)
+    ref_loss, ref_nll = _unfused(h, weight, target, 0.1)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(nll, ref_nll)
+    grads = torch.autograd.grad(loss + nll_weight * nll, (h, weight))
+    ref_grads = torch.autograd.grad(ref_loss + nll_weight * ref_nll, (h, weight))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    assert grads[0][[2, 7]].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_linear_cross_entropy_gradcheck_and_bf16_autocast():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, 0, 3, 6, 2])
+    assert torch.autograd.gradcheck(lambda a, b: linear_label_smoothed_cross_entropy(a, b, target, 0.2, PAD, 2), (h, weight))
+    # under bf16 autocast: the matmuls in bf16, the result as the unfused bf16 computation's
+    h32 = torch.randn(64, 16, generator=g, requires_grad=True)
+    w32 = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(1, 50, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = linear_label_smoothed_cross_entropy(h32, w32, t, 0.1, PAD)
+        ref, _ = label_smoothed_nll((h32 @ w32.t()).float().log_softmax(-1), t, 0.1, PAD)
+    torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
+    got, want = torch.autograd.grad(fused, (h32, w32)), torch.autograd.grad(ref, (h32, w32))
+    assert got[1].dtype == torch.float32  # the parameter's gradient in the parameter's dtype
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=2e-2)
+    with torch.no_grad():  # evaluation: loss only
+        torch.testing.assert_close(linear_label_smoothed_cross_entropy(h32, w32, t, 0.1, PAD)[0],
+                                   _unfused(h32, w32, t, 0.1)[0].float(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="target"):
+        linear_label_smoothed_cross_entropy(h32, w32, t[:-1], 0.1, PAD)
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
+def test_model_sequence_loss_from_hidden_equals_loss_from_log_probs(copy):
+    model = tiny_model(copy)
+    src, src_mask, tgt, tgt_mask = batch()
+    tgt_in, labels = shift_right(tgt)
+    keep = ~tgt_mask[:, 1:]
+    fast = model(src, src_mask, tgt_in, None, select=keep, hidden=True)
+    assert ("hidden" in fast) != copy  # the copy mechanism has no logits to fuse
+    slow = model(src, src_mask, tgt_in, None, select=keep)
+    loss, nll = model.sequence_loss(fast, labels[keep], 0.1, PAD)
+    ref_loss, ref_nll = label_smoothed_nll(slow["log_probs"], labels[keep], 0.1, PAD)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(nll, ref_nll)
+    got = torch.autograd.grad(loss, model.embed.weight)[0]  # tied: through the embedding and the output
+    want = torch.autograd.grad(ref_loss, model.embed.weight)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 def test_shift_right():
