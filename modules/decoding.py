@@ -3,7 +3,8 @@
 Plain PyTorch, no Lightning. Every function works on any model with ``TranslationModel``'s interface:
 
 - ``model.encode(src, src_padding_mask) -> memory [B, S, D]``
-- ``model.init_cache() -> cache`` (a list of per-layer dicts of tensors, batch first)
+- ``model.init_cache() -> cache`` (a list of per-layer dicts of tensors, batch first; entries under
+  a ``"cross"`` key depend on the source only)
 - ``model.decode(tgt, memory, memory_padding_mask, src, tgt_padding_mask=None, cache=None, offset=0,
   causal=True, need_attn=False) -> (log_probs [B, T, V], attn)``
 - ``model.predict_length_logits(memory, memory_padding_mask) -> [B, max_length + 1]`` (NAT only)
@@ -32,6 +33,10 @@ Conventions shared by the autoregressive strategies (greedy, beam, sample):
   first (dropout would make every step random).
 - Rows whose sentence has finished are dropped from the batch (``reorder_cache``), and the loop
   stops when every sentence has finished.
+- Beam search keeps one copy of each sentence's source state: ``model.decode`` gets ``memory``,
+  its mask and ``src`` with ``B`` rows and ``tgt`` with ``B * K`` rows (a sentence's K beams
+  consecutive), as ``Seq2SeqTransformer``'s cross-attention accepts; reordering beams moves only
+  the cache entries that are not under ``"cross"``.
 
 Outputs of ``greedy_decode``, ``sample_decode``, ``nat_decode`` and ``decode``: ``[B, T]`` token ids
 without BOS, each row ``w1 .. wn EOS pad ..``, ``T`` the longest row.
@@ -132,13 +137,25 @@ class _Stepper:
             log_probs, _ = self.model.decode(prefix, self.memory, self.mask, self.src, causal=True)
         return log_probs[:, -1].float()
 
-    def select(self, index: Tensor) -> None:
-        self.memory = self.memory.index_select(0, index)
-        self.src = self.src.index_select(0, index)
-        if self.mask is not None:
-            self.mask = self.mask.index_select(0, index)
+    def select(self, rows: Tensor, sources: Tensor | None) -> None:
+        """Keep decoder rows ``rows`` (in that order: the self-attention caches follow them) and, when
+        given, source rows ``sources`` (encoder output, source ids, mask and the ``"cross"`` caches,
+        which beam search keeps once per sentence, shared by its beams)."""
+        if sources is not None:
+            self.memory = self.memory.index_select(0, sources)
+            self.src = self.src.index_select(0, sources)
+            if self.mask is not None:
+                self.mask = self.mask.index_select(0, sources)
         if self.cache is not None:
-            reorder_cache(self.cache, index)
+            for layer in self.cache:
+                if not isinstance(layer, dict):
+                    reorder_cache(layer, rows)
+                    continue
+                for key, part in layer.items():
+                    if key != "cross":
+                        reorder_cache(part, rows)
+                    elif sources is not None:
+                        reorder_cache(part, sources)
 
 
 def _prepare(
@@ -235,12 +252,12 @@ def _autoregressive(
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             active, prefix, tokens = active[keep], prefix[keep], tokens[keep]
-            stepper.select(keep)
+            stepper.select(keep, keep)
         prefix = torch.cat([prefix, tokens[:, None]], 1)
     return out[:, :used]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_decode(
     model: Any,
     src: Tensor,
@@ -261,7 +278,7 @@ def greedy_decode(
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_decode(
     model: Any,
     src: Tensor,
@@ -306,7 +323,7 @@ def _length_normalised(total: float, length: int, length_penalty: float) -> floa
 
 
 # beam search --------------------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(
     model: Any,
     src: Tensor,
@@ -355,9 +372,10 @@ def beam_search(
     limits = max_lengths(model, src, src_padding_mask, max_len_a, max_len_b, max_len_cap)
     limits_list = limits.tolist()
     memory = model.encode(src, src_padding_mask)
-    rows = torch.arange(batch, device=device).repeat_interleave(k)
-    mask = None if src_padding_mask is None else src_padding_mask.index_select(0, rows)
-    stepper = _Stepper(model, memory.index_select(0, rows), mask, src.index_select(0, rows), use_cache)
+    # one copy of the encoder output (and cross-attention cache) per sentence: the decoder's
+    # cross-attention reads it for the sentence's K beams at once (modules.transformer), and a
+    # reordering of beams moves only the self-attention caches
+    stepper = _Stepper(model, memory, src_padding_mask, src, use_cache)
 
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam at the start: the others would only duplicate it
@@ -408,14 +426,14 @@ def beam_search(
                 length = limit if length_penalty > 0 else step + 2
                 stop = nth >= _length_normalised(best_live[i], length, length_penalty)
             done.append(stop)
-        keep = ~torch.tensor(done, dtype=torch.bool, device=device)
-        if not bool(keep.any()):
+        if all(done):
             break
+        keep = ~torch.tensor(done, dtype=torch.bool, device=device)
         select = (torch.arange(live, device=device)[:, None] * k + next_beam)[keep].view(-1)
         prefix = torch.cat([prefix.index_select(0, select), next_token[keep].view(-1, 1)], 1)
         scores = next_score[keep]
         sentences = sentences[keep]
-        stepper.select(select)
+        stepper.select(select, keep.nonzero().squeeze(1) if any(done) else None)
 
     for sent, hyps in enumerate(finished):
         hyps.sort(key=lambda h: h[0], reverse=True)
@@ -424,7 +442,7 @@ def beam_search(
 
 
 # non-autoregressive -------------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def nat_decode(
     model: Any,
     src: Tensor,

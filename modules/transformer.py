@@ -45,6 +45,26 @@ def _attention_mask(padding_mask: Tensor | None, mask: Tensor | None) -> Tensor 
     return allowed
 
 
+def _append(cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Write new keys/values ``[B, H, t, Dh]`` after the cached ones; returns all of them (views).
+
+    The self-attention cache keeps buffers with room to spare (``k``/``v``, ``[B, H, capacity, Dh]``,
+    doubled when full) and the filled ``length``, so a decoding step writes its own keys in place
+    instead of copying the whole history (``torch.cat``: quadratic in the output length). Reordering
+    the cache (beam search, dropping finished rows) selects rows of the buffers as of any tensor."""
+    n, t = cache.get("length", 0), k.shape[2]
+    buf_k, buf_v = cache.get("k"), cache.get("v")
+    if buf_k is None or n + t > buf_k.shape[2]:
+        size = max(2 * n + t, 16)
+        new_k, new_v = k.new_empty(*k.shape[:2], size, k.shape[3]), v.new_empty(*v.shape[:2], size, v.shape[3])
+        if n:
+            new_k[:, :, :n], new_v[:, :, :n] = buf_k[:, :, :n], buf_v[:, :, :n]
+        buf_k, buf_v = cache["k"], cache["v"] = new_k, new_v
+    buf_k[:, :, n : n + t], buf_v[:, :, n : n + t] = k, v
+    cache["length"] = n + t
+    return buf_k[:, :, : n + t], buf_v[:, :, : n + t]
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention over separate query / key / value inputs.
 
@@ -84,8 +104,18 @@ class MultiheadAttention(nn.Module):
         static_kv: bool = False,
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:  # [B, T, D] (and head-averaged weights [B, T, S])
+        """Keys/values may have fewer rows than the queries (``B = g * B_kv``): each key/value row then
+        serves ``g`` consecutive query rows (beam search: a sentence's beams read one copy of its
+        encoder output), computed as ``g * T`` queries against it."""
         d, w, b = self.d_model, self.in_proj.weight, self.in_proj.bias
-        if static_kv and cache is not None and "k" in cache:
+        cached = static_kv and cache is not None and "k" in cache
+        rows, length = query.shape[:2]
+        kv_rows = cache["k"].shape[0] if cached else key.shape[0]
+        if kv_rows != rows:
+            if key is query or not kv_rows or rows % kv_rows:
+                raise ValueError(f"{rows} query rows cannot share {kv_rows} key/value rows (need a multiple)")
+            query = query.reshape(kv_rows, rows // kv_rows * length, -1)
+        if cached:
             # cross-attention while decoding step by step: encoder keys/values were computed once
             q = self._heads(F.linear(query, w[:d], b[:d]))
             k, v = cache["k"], cache["v"]
@@ -99,10 +129,10 @@ class MultiheadAttention(nn.Module):
                 q = self._heads(F.linear(query, w[:d], b[:d]))
                 k, v = self._project_kv(key, value)
             if cache is not None:
-                if not static_kv and "k" in cache:  # self-attention: append this step's keys/values
-                    k = torch.cat((cache["k"], k), dim=2)
-                    v = torch.cat((cache["v"], v), dim=2)
-                cache["k"], cache["v"] = k, v
+                if static_kv:
+                    cache["k"], cache["v"] = k, v
+                else:  # self-attention: append this step's keys/values
+                    k, v = _append(cache, k, v)
         # explicit softmax when the copy mechanism / guided attention read the weights, and on CPU
         # for reduced precision, where SDPA's bf16 kernels (forward + backward) run 3-8x slower than
         # these two matmuls (benchmarks/README.md), and for attention dropout, which sends SDPA to its
@@ -127,8 +157,8 @@ class MultiheadAttention(nn.Module):
                 is_causal=is_causal and attn_mask is None,
             )
         bsz, _, t, _ = out.shape
-        out = self.out_proj(out.transpose(1, 2).reshape(bsz, t, d))
-        return (out, probs.mean(1)) if need_weights else out
+        out = self.out_proj(out.transpose(1, 2).reshape(bsz, t, d)).view(rows, length, d)
+        return (out, probs.mean(1).view(rows, length, -1)) if need_weights else out
 
 
 class FeedForward(nn.Sequential):
@@ -312,7 +342,7 @@ class Seq2SeqTransformer(nn.Module):
         memory_mask = _attention_mask(memory_padding_mask, None)
         if cache is not None and len(cache) != len(self.decoder_layers):
             raise ValueError("cache has a different number of layers: create it with init_cache()")
-        causal_step = is_causal and not (cache is not None and "k" in cache[0].get("self", {}))
+        causal_step = is_causal and not (cache is not None and cache[0].get("self", {}).get("length", 0))
         outputs, weights = [], None
         last = len(self.decoder_layers) - 1
         for i, layer in enumerate(self.decoder_layers):

@@ -128,6 +128,9 @@ class TranslationModel(nn.Module):
         logits = self.output(h).float()
         if self.copy_gate is None:
             return logits.log_softmax(-1)
+        if memory.shape[0] != h.shape[0]:  # one encoder output per sentence, shared by its beams
+            group = h.shape[0] // memory.shape[0]
+            memory, src = memory.repeat_interleave(group, 0), src.repeat_interleave(group, 0)
         context = attn @ memory  # [B, T, D]
         p_gen = torch.sigmoid(self.copy_gate(torch.cat([h, context.to(h.dtype)], -1))).float()  # [B, T, 1]
         vocab = logits.softmax(-1) * p_gen

@@ -58,8 +58,61 @@ def test_cached_decoding_equals_uncached(every_layer):
     steps = [model.decode(tgt[:, t : t + 1], memory, pos[t : t + 1], cache=cache, is_causal=True,
                           return_intermediate=False)[0] for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
-    assert cache[0]["self"]["k"].shape[2] == 6  # one key per decoded position
+    assert cache[0]["self"]["length"] == 6  # one key per decoded position
+    assert cache[0]["self"]["k"].shape[2] >= 6  # written in place into a buffer with room to spare
     assert cache[0]["cross"]["k"].shape[2] == 5  # encoder keys computed once
+
+
+def test_cache_grows_past_its_buffer_and_follows_a_reorder():
+    """Keys are written into a buffer that is reallocated when full (16, then 2n+1 slots): 40 steps
+    cross several reallocations; reordering rows mid-way (beam search) moves each row's history."""
+    torch.manual_seed(1)
+    model = Seq2SeqTransformer(16, 2, 1, 2, 32, dropout=0.0, norm_first=True).eval()
+    memory = model.encode(torch.randn(3, 4, 16))
+    tgt = torch.randn(3, 40, 16)
+    order = torch.tensor([2, 0, 0])
+    cache = model.init_cache()
+    steps = []
+    for t in range(40):
+        if t == 20:  # row i continues the history of row order[i]
+            for layer in cache:
+                for part in layer.values():
+                    for key in ("k", "v"):
+                        part[key] = part[key].index_select(0, order)
+            steps = [s.index_select(0, order) for s in steps]
+            tgt = torch.cat([tgt[order, :20], tgt[:, 20:]], 1)
+        steps.append(model.decode(tgt[:, t : t + 1], memory if t < 20 else memory[order], cache=cache,
+                                  is_causal=True, return_intermediate=False)[0])
+    assert cache[0]["self"]["length"] == 40 and cache[0]["self"]["k"].shape[2] > 40
+    full = model.decode(tgt, memory[order], is_causal=True, return_intermediate=False)[0]
+    torch.testing.assert_close(torch.cat(steps, 1)[:, 20:], full[:, 20:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
+def test_memory_shared_by_consecutive_query_rows(cached):
+    """Memory with B rows and queries with g * B rows: each memory row serves g consecutive rows (a
+    sentence's beams), exactly as if it were repeated, cross-attention weights included."""
+    torch.manual_seed(2)
+    model = Seq2SeqTransformer(32, 4, 1, 2, 64, dropout=0.0, norm_first=True).eval()
+    memory = model.encode(torch.randn(2, 5, 32), src_padding_mask=torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    tgt = torch.randn(6, 4, 32)  # 3 rows per memory row
+    want, want_w = model.decode(tgt, memory.repeat_interleave(3, 0), memory_padding_mask=mask.repeat_interleave(3, 0),
+                                is_causal=True, return_intermediate=False, return_cross_attn=True)
+    if cached:
+        cache = model.init_cache()
+        outs = [model.decode(tgt[:, t : t + 1], memory, memory_padding_mask=mask, cache=cache, is_causal=True,
+                             return_intermediate=False, return_cross_attn=True) for t in range(4)]
+        got, got_w = torch.cat([h for h, _ in outs], 2), torch.cat([w for _, w in outs], 1)
+        assert cache[0]["cross"]["k"].shape[0] == 2  # one copy per memory row
+    else:
+        got, got_w = model.decode(tgt, memory, memory_padding_mask=mask, is_causal=True, return_intermediate=False,
+                                  return_cross_attn=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-5)
+    assert torch.all(got_w[3:, :, 3:] == 0)  # rows of the second memory row never see its padding
+    with pytest.raises(ValueError, match="multiple"):
+        model.decode(torch.randn(5, 1, 32), memory)
 
 
 def test_bad_mask_dtype_is_rejected(model):
