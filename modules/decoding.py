@@ -44,6 +44,7 @@ without BOS, each row ``w1 .. wn EOS pad ..``, ``T`` the longest row.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -51,6 +52,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .packed import packed_linears
 
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
 Hypothesis = tuple[Tensor, float]
@@ -70,6 +73,18 @@ __all__ = [
 
 
 # helpers ------------------------------------------------------------------------------------------
+def _inference(fn: Callable) -> Callable:
+    """Run a decoding function under ``torch.inference_mode`` with pre-packed CPU weights
+    (``modules.packed``: packed once per call, reused by every step)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(), packed_linears():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def reorder_cache(cache: Any, index: Tensor) -> Any:
     """``index_select`` every tensor in ``cache`` (nested lists / tuples / dicts) along dim 0, the batch.
 
@@ -257,7 +272,7 @@ def _autoregressive(
     return out[:, :used]
 
 
-@torch.inference_mode()
+@_inference
 def greedy_decode(
     model: Any,
     src: Tensor,
@@ -278,7 +293,7 @@ def greedy_decode(
     )
 
 
-@torch.inference_mode()
+@_inference
 def sample_decode(
     model: Any,
     src: Tensor,
@@ -323,7 +338,7 @@ def _length_normalised(total: float, length: int, length_penalty: float) -> floa
 
 
 # beam search --------------------------------------------------------------------------------------
-@torch.inference_mode()
+@_inference
 def beam_search(
     model: Any,
     src: Tensor,
@@ -442,7 +457,7 @@ def beam_search(
 
 
 # non-autoregressive -------------------------------------------------------------------------------
-@torch.inference_mode()
+@_inference
 def nat_decode(
     model: Any,
     src: Tensor,

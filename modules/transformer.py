@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dropout import Dropout, dropout
+from .packed import linear
 
 LayerCache = dict[str, Any]
 
@@ -83,10 +84,10 @@ class MultiheadAttention(nn.Module):
     def _project_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         d, w, b = self.d_model, self.in_proj.weight, self.in_proj.bias
         if value is key:
-            k, v = F.linear(key, w[d:], b[d:]).chunk(2, dim=-1)
+            k, v = linear(key, w[d:], b[d:]).chunk(2, dim=-1)
         else:
-            k = F.linear(key, w[d : 2 * d], b[d : 2 * d])
-            v = F.linear(value, w[2 * d :], b[2 * d :])
+            k = linear(key, w[d : 2 * d], b[d : 2 * d])
+            v = linear(value, w[2 * d :], b[2 * d :])
         return self._heads(k), self._heads(v)
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, D/H]
@@ -117,16 +118,16 @@ class MultiheadAttention(nn.Module):
             query = query.reshape(kv_rows, rows // kv_rows * length, -1)
         if cached:
             # cross-attention while decoding step by step: encoder keys/values were computed once
-            q = self._heads(F.linear(query, w[:d], b[:d]))
+            q = self._heads(linear(query, w[:d], b[:d]))
             k, v = cache["k"], cache["v"]
         else:
             if key is query and value is query:
-                q, k, v = (self._heads(t) for t in F.linear(query, w, b).chunk(3, dim=-1))
+                q, k, v = (self._heads(t) for t in linear(query, w, b).chunk(3, dim=-1))
             elif key is query:
-                q, k = (self._heads(t) for t in F.linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1))
-                v = self._heads(F.linear(value, w[2 * d :], b[2 * d :]))
+                q, k = (self._heads(t) for t in linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1))
+                v = self._heads(linear(value, w[2 * d :], b[2 * d :]))
             else:
-                q = self._heads(F.linear(query, w[:d], b[:d]))
+                q = self._heads(linear(query, w[:d], b[:d]))
                 k, v = self._project_kv(key, value)
             if cache is not None:
                 if static_kv:
@@ -157,7 +158,8 @@ class MultiheadAttention(nn.Module):
                 is_causal=is_causal and attn_mask is None,
             )
         bsz, _, t, _ = out.shape
-        out = self.out_proj(out.transpose(1, 2).reshape(bsz, t, d)).view(rows, length, d)
+        out = linear(out.transpose(1, 2).reshape(bsz, t, d), self.out_proj.weight, self.out_proj.bias)
+        out = out.view(rows, length, d)
         return (out, probs.mean(1).view(rows, length, -1)) if need_weights else out
 
 
@@ -169,6 +171,12 @@ class FeedForward(nn.Sequential):
         super().__init__(
             nn.Linear(d_model, dim_feedforward), act, Dropout(dropout), nn.Linear(dim_feedforward, d_model)
         )
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:  # the layers of nn.Sequential, through modules.packed.linear
+        first, _, drop, second = self
+        hidden = linear(x, first.weight, first.bias, activation=self.activation)
+        return linear(drop(hidden), second.weight, second.bias)
 
 
 class EncoderLayer(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .dropout import Dropout
+from .packed import linear
 from .position import sinusoidal_positions
 from .transformer import LayerCache, Seq2SeqTransformer
 
@@ -125,7 +126,7 @@ class TranslationModel(nn.Module):
         return (log_probs[select] if select is not None else log_probs), attn
 
     def log_probs(self, h: Tensor, attn: Tensor | None, memory: Tensor, src: Tensor) -> Tensor:
-        logits = self.output(h).float()
+        logits = linear(h, self.output.weight).float()
         if self.copy_gate is None:
             return logits.log_softmax(-1)
         if memory.shape[0] != h.shape[0]:  # one encoder output per sentence, shared by its beams

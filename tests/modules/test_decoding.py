@@ -498,3 +498,24 @@ def test_mask_predict_remasks_the_scheduled_number_of_tokens():
     # first pass: everything masked; then n = floor(L * (T - i) / T) for i = 1, 2, 3
     assert stub.masked == [[4, 3], [3, 2], [2, 1], [1, 0]]
     assert out.tolist() == [[5, 6, 7, 8, EOS], [5, 6, 7, EOS, PAD]]
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
+def test_packed_weights_do_not_change_the_decoded_tokens(copy, monkeypatch):
+    """Decoding packs the float32 CPU weights (modules.packed); with packing unavailable it runs
+    F.linear. Both give the same greedy tokens and beam hypotheses, scores within float32 rounding."""
+    from modules import packed
+
+    if not packed._ops_work():
+        pytest.skip("this torch build has no oneDNN linear ops: both runs would be F.linear")
+    model = tiny_model(copy, vocab=40)
+    src, mask = source(width=9, seed=4)
+    fast = (greedy_decode(model, src, mask, BOS, EOS, PAD),
+            beam_search(model, src, mask, BOS, EOS, PAD, beam_size=3, n_best=2))
+    monkeypatch.setattr(packed, "_available", False)
+    slow = (greedy_decode(model, src, mask, BOS, EOS, PAD),
+            beam_search(model, src, mask, BOS, EOS, PAD, beam_size=3, n_best=2))
+    assert torch.equal(fast[0], slow[0])
+    for hyps_fast, hyps_slow in zip(fast[1], slow[1]):
+        assert [h.tolist() for h, _ in hyps_fast] == [h.tolist() for h, _ in hyps_slow]
+        assert [s for _, s in hyps_fast] == pytest.approx([s for _, s in hyps_slow], abs=1e-4)
