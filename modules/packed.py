@@ -9,7 +9,8 @@ benchmark's sizes a decoding step's linears run 1.2-1.7x faster. The arithmetic 
 (different summation order: differences of float32 rounding, ~1e-6 relative).
 
 Used only inside ``with packed_linears():`` (the decoding functions open it), without autograd, for
-float32 CPU tensors outside autocast, and only where torch provides the ops (checked once against
+float32 CPU weights, in float32 or under bfloat16 autocast (the weight packed in bfloat16 once
+instead of cast on every call), and only where torch provides the ops (checked once against
 ``F.linear``); everything else is ``F.linear``. Packed weights live as long as the context and are
 keyed by the weight's storage, shape, strides and version counter, so a weight changed in place is
 packed again.
@@ -31,14 +32,15 @@ _available: bool | None = None  # whether the oneDNN ops exist and agree with F.
 def _ops_work() -> bool:
     global _available
     if _available is None:
-        try:
+        try:  # (autocast off: under it F.linear would answer in bfloat16)
             mkldnn = torch.ops.mkldnn
             gen = torch.Generator().manual_seed(0)
             x, w, b = (torch.randn(*s, generator=gen) for s in ((3, 8), (5, 8), (5,)))
-            y = mkldnn._linear_pointwise(x, mkldnn._reorder_linear_weight(w), b, "none", [], "")
-            _available = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
-                y, F.linear(x, w, b), rtol=1e-5, atol=1e-5
-            )
+            with torch.autocast("cpu", enabled=False):
+                y = mkldnn._linear_pointwise(x, mkldnn._reorder_linear_weight(w), b, "none", [], "")
+                _available = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
+                    y, F.linear(x, w, b), rtol=1e-5, atol=1e-5
+                )
         except (AttributeError, RuntimeError):
             _available = False
     return _available
@@ -62,24 +64,35 @@ _ACTIVATIONS = {None: None, "relu": F.relu, "gelu": F.gelu}
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` followed by ``activation`` (None, "relu" or "gelu", erf form);
-    inside :func:`packed_linears`, with a packed weight and the activation fused when it applies."""
+    inside :func:`packed_linears`, with a packed weight and the activation fused when it applies.
+
+    Under CPU bfloat16 autocast the packed weight is the bfloat16 cast that autocast would make on
+    every call, and the result is what autocast's ``F.linear`` gives (bfloat16, the same values)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(k for k in _ACTIVATIONS if k)} or None, got {activation!r}")
-    if (
-        not _active
-        or x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
-        or torch.is_grad_enabled()
-        or torch.is_autocast_enabled("cpu")
-        or not _ops_work()
-    ):
+    dtype = _packed_dtype(x, weight)
+    if dtype is None:
         out = F.linear(x, weight, bias)
         return out if activation is None else _ACTIVATIONS[activation](out)
     cache = _active[-1]
-    key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight._version)
+    key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight._version, dtype)
     packed = cache.get(key)
     if packed is None:
-        packed = cache[key] = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        packed = cache[key] = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous())
     attr = "none" if activation is None else activation
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, attr, [], "none" if attr == "gelu" else "")
+    return torch.ops.mkldnn._linear_pointwise(
+        x.to(dtype).contiguous(), packed, None if bias is None else bias.to(dtype), attr, [],
+        "none" if attr == "gelu" else "",
+    )
+
+
+def _packed_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype to run a packed linear in here (float32, or bfloat16 under CPU autocast), or None."""
+    if not _active or x.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        ok = dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+    else:
+        dtype, ok = torch.float32, x.dtype == torch.float32
+    return dtype if ok and _ops_work() else None

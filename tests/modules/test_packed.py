@@ -44,6 +44,20 @@ def test_outside_the_context_with_autograd_or_bf16_it_is_f_linear():
         out.sum().backward()
         assert w.grad is not None
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            assert linear(x, w, b).dtype == torch.bfloat16  # autocast decides, as for F.linear
+            got = linear(x, w, b, "relu")  # packed in bfloat16: autocast's dtype and values
+            want = F.relu(F.linear(x, w, b))
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="activation"):
         linear(x, w, b, "tanh")
+
+
+def test_availability_is_decided_the_same_under_autocast(monkeypatch):
+    """The one-time check compares the oneDNN op with F.linear; run first under autocast it must
+    not see F.linear's bfloat16 answer as a disagreement (and turn packing off for good)."""
+    monkeypatch.setattr(packed, "_available", None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = packed._ops_work()
+    monkeypatch.setattr(packed, "_available", None)
+    assert under_autocast == packed._ops_work()
+
