@@ -15,7 +15,7 @@ from modules.decoding import (
     sample_decode,
     top_k_top_p_filter,
 )
-from modules.translation import TranslationModel, label_smoothed_nll, shift_right
+from modules.translation import TranslationModel, guided_attention_loss, label_smoothed_nll, shift_right
 
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
 VOCAB = 20
@@ -387,6 +387,39 @@ def test_trained_copier_beam_and_cache(copier):
     assert torch.equal(greedy, greedy_decode(model, src, pad, **ids, max_len_a=1, max_len_b=2, use_cache=False))
     beams = beam_search(model, src, pad, **ids, beam_size=4, max_len_a=1, max_len_b=2)
     assert exact_match(pad_hypotheses([h[0][0] for h in beams], PAD), tgt) >= exact_match(greedy, tgt) - 0.05
+
+
+def test_guided_attention_makes_a_trained_models_alignment_monotonic():
+    """Two copiers trained alike, one with the guided-attention loss (weight 1): the last decoder
+    layer's cross-attention of the guided one keeps far less mass off the diagonal on fresh
+    sequences, and it still learns the task."""
+
+    def train(weight):
+        model = task_model(2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(120):
+            src, pad, _, tgt = copy_batch(64, g)
+            tgt_in, labels = shift_right(tgt)
+            out = model(src, pad, tgt_in, tgt_in == PAD, need_attn=True)
+            loss, nll = label_smoothed_nll(out["log_probs"], labels, 0.1, PAD)
+            loss = loss + weight * guided_attention_loss(out["cross_attn"], tgt_in == PAD, pad)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        src, pad, _, tgt = copy_batch(200, torch.Generator().manual_seed(9))
+        tgt_in, labels = shift_right(tgt)
+        with torch.no_grad():
+            out = model(src, pad, tgt_in, tgt_in == PAD, need_attn=True)
+            off_diagonal = float(guided_attention_loss(out["cross_attn"], tgt_in == PAD, pad))
+            nll = float(label_smoothed_nll(out["log_probs"], labels, 0.0, PAD)[1])
+        return off_diagonal, nll
+
+    free_off, free_nll = train(0.0)
+    guided_off, guided_nll = train(1.0)
+    assert guided_off < 0.6 * free_off, (guided_off, free_off)  # measured: 0.15 vs 0.36
+    assert guided_nll < 0.5 * math.log(TASK_VOCAB)  # it learns: well below a uniform guess
 
 
 @pytest.fixture(scope="module")
