@@ -19,13 +19,14 @@ packed again.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_active: list[dict] = []  # one dict of packed weights per open context (innermost last)
+_local = threading.local()  # per thread: .active, one dict of packed weights per open context
 _available: bool | None = None  # whether the oneDNN ops exist and agree with F.linear (decided once)
 
 
@@ -46,17 +47,24 @@ def _ops_work() -> bool:
     return _available
 
 
+def _contexts() -> list[dict]:
+    if not hasattr(_local, "active"):
+        _local.active = []
+    return _local.active
+
+
 @contextlib.contextmanager
 def packed_linears(enabled: bool = True) -> Iterator[None]:
     """Within the block, :func:`linear` packs each float32 CPU weight once and reuses it."""
     if not enabled:
         yield
         return
-    _active.append({})
+    active = _contexts()
+    active.append({})
     try:
         yield
     finally:
-        _active.pop()
+        active.pop()
 
 
 _ACTIVATIONS = {None: None, "relu": F.relu, "gelu": F.gelu}
@@ -74,7 +82,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     if dtype is None:
         out = F.linear(x, weight, bias)
         return out if activation is None else _ACTIVATIONS[activation](out)
-    cache = _active[-1]
+    cache = _contexts()[-1]
     key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight._version, dtype)
     packed = cache.get(key)
     if packed is None:
@@ -88,7 +96,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
 
 def _packed_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """The dtype to run a packed linear in here (float32, or bfloat16 under CPU autocast), or None."""
-    if not _active or x.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled():
+    if not _contexts() or x.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled():
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")

@@ -21,7 +21,7 @@ def test_packed_linear_equals_f_linear(activation):
             torch.testing.assert_close(got, act(F.linear(x, weight, bias)), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(linear(x[0], weight, bias, activation), got[0], rtol=1e-5, atol=1e-5)
         if packed._ops_work():  # one packed copy per distinct weight (full, slice)
-            assert len(packed._active[-1]) == 2
+            assert len(packed._contexts()[-1]) == 2
 
 
 def test_weights_are_packed_again_after_an_in_place_change():
@@ -31,7 +31,7 @@ def test_weights_are_packed_again_after_an_in_place_change():
         w.mul_(2)  # an optimizer step between two decoding calls, or inside one
         torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, F.linear(x, w, b))
-    assert packed._active == []  # the context leaves nothing behind
+    assert packed._contexts() == []  # the context leaves nothing behind
 
 
 def test_outside_the_context_with_autograd_or_bf16_it_is_f_linear():
