@@ -323,22 +323,17 @@ def run_train(impl: str, precision: str, setting: Setting, args: argparse.Namesp
 
 
 # ---------------------------------------------------------------------------------------- decoding
-def _ban_eos(tokens: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
-    """Ours: EOS is never chosen freely, only forced at the limit (HF side: ``min_new_tokens``)."""
-    log_probs[:, EOS_ID] = float("-inf")
-    return log_probs
-
-
 def make_decoder(impl: str, mode: str, model: torch.nn.Module, beam_size: int):
     """``fn(src, src_padding_mask, limit) -> output tokens per sentence (list[int], EOS included)``."""
     if impl == "ours":
         def run(src, mask, limit):
             if mode == "beam":
                 hyps = beam_search(model, src, mask, BOS_ID, EOS_ID, PAD_ID, beam_size=beam_size,
-                                   length_penalty=1.0, max_len_a=0.0, max_len_b=limit, logits_processor=_ban_eos)
+                                   length_penalty=1.0, max_len_a=0.0, max_len_b=limit, min_len=limit)
                 return [h[0][0].numel() for h in hyps]
+            # min_len = limit: EOS never chosen freely, only forced at the limit (HF: min_new_tokens)
             out = greedy_decode(model, src, mask, BOS_ID, EOS_ID, PAD_ID, max_len_a=0.0, max_len_b=limit,
-                                use_cache=mode == "greedy", logits_processor=_ban_eos)
+                                use_cache=mode == "greedy", min_len=limit)
             return ((out != PAD_ID).sum(1)).tolist()
 
         return run

@@ -21,6 +21,8 @@ Conventions shared by the autoregressive strategies (greedy, beam, sample):
   **including EOS**; it is at least 1 and capped by ``max_len_cap`` and by the model's position
   table. If a hypothesis reaches ``max_len`` without EOS, EOS is forced as its last token, so every
   output ends with EOS.
+- ``min_len`` (fairseq's ``--min-len``, HF's ``min_new_tokens``): EOS is not generated while fewer
+  than ``min_len`` tokens have been; the forced EOS at ``max_len`` still ends an output there.
 - The pad token is never generated (its log-prob is set to -inf), unless ``pad_id == eos_id``.
 - ``logits_processor(tokens, log_probs) -> log_probs``: ``tokens`` ``[N, t]`` are the tokens
   generated so far by each of the N live rows (sentences still running; sentences x beams in beam
@@ -180,8 +182,10 @@ def _prepare(
     eos_id: int,
     pad_id: int,
     logits_processor: LogitsProcessor | None,
+    ban_eos: bool = False,
 ) -> Tensor:
-    """Block pad, run the user's processor, force EOS on the rows that reached their limit.
+    """Block pad (and EOS while ``ban_eos``: shorter than ``min_len``), run the user's processor,
+    force EOS on the rows that reached their limit.
 
     A forced EOS keeps the model's own EOS log-prob (taken before the processor, which may have
     banned EOS), so it is always chosen and beam scores stay the model's."""
@@ -191,6 +195,8 @@ def _prepare(
     eos = log_probs[:, eos_id].clone() if forcing else None
     if logits_processor is not None:
         log_probs = logits_processor(prefix[:, 1:], log_probs)
+    if ban_eos:  # after the processor: it cannot bring EOS back before min_len
+        log_probs[:, eos_id] = float("-inf")
     if forcing:
         log_probs = log_probs.masked_fill(force_eos[:, None], float("-inf"))
         log_probs[:, eos_id] = torch.where(force_eos, eos, log_probs[:, eos_id])
@@ -242,6 +248,7 @@ def _autoregressive(
     use_cache: bool,
     logits_processor: LogitsProcessor | None,
     choose: Callable[[Tensor], Tensor],  # [N, V] log-probs -> [N] token ids
+    min_len: int = 0,
 ) -> Tensor:
     batch, device = src.shape[0], src.device
     limits = max_lengths(model, src, src_padding_mask, max_len_a, max_len_b, max_len_cap)
@@ -257,7 +264,7 @@ def _autoregressive(
     for step in range(longest):
         log_probs = stepper(prefix)
         force = limits[active] <= step + 1
-        log_probs = _prepare(log_probs, prefix, force, eos_id, pad_id, logits_processor)
+        log_probs = _prepare(log_probs, prefix, force, eos_id, pad_id, logits_processor, step < min_len)
         tokens = choose(log_probs)
         out[active, step] = tokens
         used = step + 1
@@ -285,11 +292,12 @@ def greedy_decode(
     max_len_cap: int | None = None,
     use_cache: bool = True,
     logits_processor: LogitsProcessor | None = None,
+    min_len: int = 0,
 ) -> Tensor:
     """Argmax at every step. Returns ``[B, T]`` (no BOS; EOS then pad)."""
     return _autoregressive(
         model, src, src_padding_mask, bos_id, eos_id, pad_id, max_len_a, max_len_b, max_len_cap, use_cache,
-        logits_processor, lambda lp: lp.argmax(-1),
+        logits_processor, lambda lp: lp.argmax(-1), min_len,
     )
 
 
@@ -310,6 +318,7 @@ def sample_decode(
     max_len_cap: int | None = None,
     use_cache: bool = True,
     logits_processor: LogitsProcessor | None = None,
+    min_len: int = 0,
 ) -> Tensor:
     """Ancestral sampling from ``softmax(log_probs / temperature)`` after top-k and nucleus (top-p)
     filtering (the most likely token always survives). ``temperature=0`` is the argmax; ``top_k=1``
@@ -328,7 +337,7 @@ def sample_decode(
 
     return _autoregressive(
         model, src, src_padding_mask, bos_id, eos_id, pad_id, max_len_a, max_len_b, max_len_cap, use_cache,
-        logits_processor, choose,
+        logits_processor, choose, min_len,
     )
 
 
@@ -355,6 +364,7 @@ def beam_search(
     use_cache: bool = True,
     early_stopping: bool = True,
     logits_processor: LogitsProcessor | None = None,
+    min_len: int = 0,
 ) -> list[list[Hypothesis]]:
     """Batched beam search (``B * beam_size`` decoder rows).
 
@@ -403,7 +413,7 @@ def beam_search(
         live = sentences.numel()
         log_probs = stepper(prefix)
         force = (limits[sentences] <= step + 1).repeat_interleave(k)
-        log_probs = _prepare(log_probs, prefix, force, eos_id, pad_id, logits_processor)
+        log_probs = _prepare(log_probs, prefix, force, eos_id, pad_id, logits_processor, step < min_len)
         vocab = log_probs.shape[-1]
         candidates = (scores[:, :, None] + log_probs.view(live, k, vocab)).view(live, k * vocab)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # sorted, best first

@@ -552,3 +552,30 @@ def test_packed_weights_do_not_change_the_decoded_tokens(copy, monkeypatch):
     for hyps_fast, hyps_slow in zip(fast[1], slow[1]):
         assert [h.tolist() for h, _ in hyps_fast] == [h.tolist() for h, _ in hyps_slow]
         assert [s for _, s in hyps_fast] == pytest.approx([s for _, s in hyps_slow], abs=1e-4)
+
+
+def test_min_len_keeps_eos_out_of_the_first_tokens():
+    """A processor makes EOS the best token everywhere: without ``min_len`` every output is just EOS;
+    with ``min_len=3`` greedy, beam and sampling put 3 other tokens first (EOS banned after the
+    processor), and a limit below ``min_len`` still ends the output with the forced EOS."""
+    model = tiny_model()
+    src, mask = source()
+
+    def eos_first(tokens, log_probs):
+        log_probs[:, EOS] = 10.0
+        return log_probs
+
+    runs = {
+        "greedy": lambda **kw: greedy_decode(model, src, mask, BOS, EOS, PAD, logits_processor=eos_first, **kw),
+        "sample": lambda **kw: sample_decode(model, src, mask, BOS, EOS, PAD, logits_processor=eos_first,
+                                             generator=torch.Generator().manual_seed(0), **kw),
+        "beam": lambda **kw: pad_hypotheses([h[0][0] for h in beam_search(
+            model, src, mask, BOS, EOS, PAD, beam_size=3, logits_processor=eos_first, **kw)], PAD),
+    }
+    for name, run in runs.items():
+        assert run(max_len_a=0, max_len_b=8)[:, 0].tolist() == [EOS] * 4, name
+        out = run(max_len_a=0, max_len_b=8, min_len=3)
+        assert_well_formed(out)
+        assert [strip(row).index(EOS) for row in out] == [3] * 4, name
+        short = run(max_len_a=0, max_len_b=2, min_len=3)  # the limit wins: 1 token, then the forced EOS
+        assert [len(strip(row)) for row in short] == [2] * 4, name
