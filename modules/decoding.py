@@ -6,7 +6,9 @@ Plain PyTorch, no Lightning. Every function works on any model with ``Translatio
 - ``model.init_cache() -> cache`` (a list of per-layer dicts of tensors, batch first; entries under
   a ``"cross"`` key depend on the source only)
 - ``model.decode(tgt, memory, memory_padding_mask, src, tgt_padding_mask=None, cache=None, offset=0,
-  causal=True, need_attn=False) -> (log_probs [B, T, V], attn)``
+  causal=True, need_attn=False) -> (log_probs [B, T, V], attn)``; optionally with ``normalize=False``
+  returning scores with the same argmax and softmax as the log-probabilities (logits), which greedy
+  decoding and sampling use when no ``logits_processor`` is given
 - ``model.predict_length_logits(memory, memory_padding_mask) -> [B, max_length + 1]`` (NAT only)
 - optionally ``model.positions`` (the position table; its length caps the output length).
 
@@ -77,12 +79,12 @@ __all__ = [
 # helpers ------------------------------------------------------------------------------------------
 def _inference(fn: Callable) -> Callable:
     """Run a decoding function under ``torch.inference_mode`` with pre-packed CPU weights
-    (``modules.packed``: packed once per call, reused by every step)."""
+    (``modules.packed``: packed once per model and weight version, reused by every step and call)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(), packed_linears():
-            return fn(*args, **kwargs)
+    def wrapper(model, *args, **kwargs):
+        with torch.inference_mode(), packed_linears(owner=model):
+            return fn(model, *args, **kwargs)
 
     return wrapper
 
@@ -140,18 +142,21 @@ class _Stepper:
     """Next-token log-probabilities for a batch of prefixes, with or without the KV cache."""
 
     def __init__(self, model: Any, memory: Tensor, memory_padding_mask: Tensor | None, src: Tensor,
-                 use_cache: bool) -> None:
+                 use_cache: bool, raw: bool = False) -> None:
         self.model, self.memory, self.mask, self.src = model, memory, memory_padding_mask, src
         self.cache = model.init_cache() if use_cache else None
+        # raw scores (argmax and softmax of the log-probs, without the log-softmax) where the model offers them
+        self.options = {"normalize": False} if raw and "normalize" in inspect.signature(model.decode).parameters else {}
 
     def __call__(self, prefix: Tensor) -> Tensor:  # prefix [N, t+1] (BOS first) -> [N, V] float32
         if self.cache is not None:
             step = prefix.shape[1] - 1
             log_probs, _ = self.model.decode(
-                prefix[:, -1:], self.memory, self.mask, self.src, cache=self.cache, offset=step, causal=True
+                prefix[:, -1:], self.memory, self.mask, self.src, cache=self.cache, offset=step, causal=True,
+                **self.options,
             )
         else:
-            log_probs, _ = self.model.decode(prefix, self.memory, self.mask, self.src, causal=True)
+            log_probs, _ = self.model.decode(prefix, self.memory, self.mask, self.src, causal=True, **self.options)
         return log_probs[:, -1].float()
 
     def select(self, rows: Tensor, sources: Tensor | None) -> None:
@@ -257,7 +262,8 @@ def _autoregressive(
     if batch == 0:
         return out[:, :0]
     memory = model.encode(src, src_padding_mask)
-    stepper = _Stepper(model, memory, src_padding_mask, src, use_cache)
+    # without a user processor only the argmax / softmax of the scores matter: raw logits serve
+    stepper = _Stepper(model, memory, src_padding_mask, src, use_cache, raw=logits_processor is None)
     active = torch.arange(batch, device=device)  # original row of each live row
     prefix = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
     used = 0

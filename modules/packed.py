@@ -11,15 +11,16 @@ benchmark's sizes a decoding step's linears run 1.2-1.7x faster. The arithmetic 
 Used only inside ``with packed_linears():`` (the decoding functions open it), without autograd, for
 float32 CPU weights, in float32 or under bfloat16 autocast (the weight packed in bfloat16 once
 instead of cast on every call), and only where torch provides the ops (checked once against
-``F.linear``); everything else is ``F.linear``. Packed weights live as long as the context and are
-keyed by the weight's storage, shape, strides and version counter, so a weight changed in place is
-packed again.
+``F.linear``); everything else is ``F.linear``. Packed weights are keyed by the weight's address,
+shape, strides and dtype and checked against its version counter, so a weight changed in place is
+packed again; they live as long as the context, or as long as its ``owner``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _local = threading.local()  # per thread: .active, one dict of packed weights per open context
+_by_owner: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> its packed weights
+_lock = threading.Lock()
 _available: bool | None = None  # whether the oneDNN ops exist and agree with F.linear (decided once)
 
 
@@ -54,13 +57,21 @@ def _contexts() -> list[dict]:
 
 
 @contextlib.contextmanager
-def packed_linears(enabled: bool = True) -> Iterator[None]:
-    """Within the block, :func:`linear` packs each float32 CPU weight once and reuses it."""
+def packed_linears(enabled: bool = True, owner: object | None = None) -> Iterator[None]:
+    """Within the block, :func:`linear` packs each float32 CPU weight once and reuses it.
+
+    With an ``owner`` (the model), the packed weights outlive the block and serve the owner's next
+    blocks (a validation loop decodes batch after batch) for as long as the owner lives; a weight
+    changed in place since (an optimizer step) is packed again, replacing its old packing."""
     if not enabled:
         yield
         return
+    cache: dict = {}
+    if owner is not None:
+        with _lock:
+            cache = _by_owner.setdefault(owner, cache)
     active = _contexts()
-    active.append({})
+    active.append(cache)
     try:
         yield
     finally:
@@ -83,10 +94,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
         out = F.linear(x, weight, bias)
         return out if activation is None else _ACTIVATIONS[activation](out)
     cache = _contexts()[-1]
-    key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight._version, dtype)
-    packed = cache.get(key)
-    if packed is None:
-        packed = cache[key] = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous())
+    key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), dtype)
+    entry = cache.get(key)
+    if entry is None or entry[0] != weight._version:
+        # the entry holds the weight's base tensor: its memory cannot be freed and reused by another
+        # weight with the same address and shape while the packed copy is kept
+        base = weight if weight._base is None else weight._base
+        entry = cache[key] = (weight._version, base, torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous()))
+    packed = entry[2]
     attr = "none" if activation is None else activation
     return torch.ops.mkldnn._linear_pointwise(
         x.to(dtype).contiguous(), packed, None if bias is None else bias.to(dtype), attr, [],

@@ -102,12 +102,15 @@ class TranslationModel(nn.Module):
         need_attn: bool = False,
         select: Tensor | None = None,
         hidden: bool = False,
+        normalize: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probabilities ``[B, T, V]`` and (when asked, or with copy) cross-attention ``[B, T, S]``.
 
         ``select`` (bool ``[B, T]``): return log-probabilities ``[N, V]`` of the selected positions only
         (training: the non-pad targets), so the largest matmul, the vocabulary projection, skips padding.
-        ``hidden=True`` returns the last decoder states (``[B, T, D]`` or ``[N, D]``) instead, for
+        ``normalize=False`` returns float32 logits instead of log-probabilities where that saves the
+        log-softmax (no copy mechanism): the same argmax and the same softmax, which is all greedy
+        decoding and sampling read. ``hidden=True`` returns the last decoder states (``[B, T, D]`` or ``[N, D]``) instead, for
         :meth:`sequence_loss`, which fuses the vocabulary projection with the loss; with the copy
         mechanism the output is a mixture of distributions and log-probabilities are returned regardless.
         """
@@ -122,13 +125,13 @@ class TranslationModel(nn.Module):
         if self.copy_gate is None and (select is not None or hidden):
             h = h if select is None else h[select]
             return (h if hidden else self.output(h).float().log_softmax(-1)), attn
-        log_probs = self.log_probs(h, attn, memory, src)
+        log_probs = self.log_probs(h, attn, memory, src, normalize)
         return (log_probs[select] if select is not None else log_probs), attn
 
-    def log_probs(self, h: Tensor, attn: Tensor | None, memory: Tensor, src: Tensor) -> Tensor:
+    def log_probs(self, h: Tensor, attn: Tensor | None, memory: Tensor, src: Tensor, normalize: bool = True) -> Tensor:
         logits = linear(h, self.output.weight).float()
         if self.copy_gate is None:
-            return logits.log_softmax(-1)
+            return logits.log_softmax(-1) if normalize else logits
         if memory.shape[0] != h.shape[0]:  # one encoder output per sentence, shared by its beams
             group = h.shape[0] // memory.shape[0]
             memory, src = memory.repeat_interleave(group, 0), src.repeat_interleave(group, 0)

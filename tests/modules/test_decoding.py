@@ -579,3 +579,25 @@ def test_min_len_keeps_eos_out_of_the_first_tokens():
         assert [strip(row).index(EOS) for row in out] == [3] * 4, name
         short = run(max_len_a=0, max_len_b=2, min_len=3)  # the limit wins: 1 token, then the forced EOS
         assert [len(strip(row)) for row in short] == [2] * 4, name
+
+
+def test_raw_logits_path_gives_the_log_prob_paths_tokens():
+    """Without a logits processor greedy decoding and sampling read the model's logits (no
+    log-softmax); an identity processor forces the log-probability path: same tokens."""
+    model = tiny_model(vocab=40)
+    src, mask = source(width=9, seed=6)
+
+    def identity(tokens, log_probs):
+        return log_probs
+
+    from modules.decoding import _Stepper
+
+    memory = model.encode(src, mask)
+    assert _Stepper(model, memory, mask, src, True, raw=True).options == {"normalize": False}  # the raw path runs
+    assert torch.equal(greedy_decode(model, src, mask, BOS, EOS, PAD),
+                       greedy_decode(model, src, mask, BOS, EOS, PAD, logits_processor=identity))
+    for kw in ({"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}):
+        raw = sample_decode(model, src, mask, BOS, EOS, PAD, generator=torch.Generator().manual_seed(1), **kw)
+        normalised = sample_decode(model, src, mask, BOS, EOS, PAD, generator=torch.Generator().manual_seed(1),
+                                   logits_processor=identity, **kw)
+        assert torch.equal(raw, normalised), kw

@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,3 +64,25 @@ def test_availability_is_decided_the_same_under_autocast(monkeypatch):
     monkeypatch.setattr(packed, "_available", None)
     assert under_autocast == packed._ops_work()
 
+
+
+def test_an_owner_keeps_its_packed_weights_across_contexts_until_they_change():
+    x, w, b = _inputs(3)
+    owner = torch.nn.Linear(1, 1)  # any weak-referenceable object: decoding passes the model
+    with torch.no_grad():
+        with packed_linears(owner=owner):
+            first = linear(x, w, b)
+        if not packed._ops_work():
+            pytest.skip("this torch build has no oneDNN linear ops")
+        (entry,) = packed._by_owner[owner].values()
+        with packed_linears(owner=owner):
+            torch.testing.assert_close(linear(x, w, b), first)
+        assert next(iter(packed._by_owner[owner].values()))[2] is entry[2]  # reused, not packed again
+        w.add_(1)  # an optimizer step between two validations
+        with packed_linears(owner=owner):
+            torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert len(packed._by_owner[owner]) == 1  # the old packing was replaced
+    ref = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert ref() is None  # the cache does not keep the model alive
