@@ -49,21 +49,23 @@ def _attention_mask(padding_mask: Tensor | None, mask: Tensor | None) -> Tensor 
 def _append(cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Write new keys/values ``[B, H, t, Dh]`` after the cached ones; returns all of them (views).
 
-    The self-attention cache keeps buffers with room to spare (``k``/``v``, ``[B, H, capacity, Dh]``,
-    doubled when full) and the filled ``length``, so a decoding step writes its own keys in place
+    The self-attention cache keeps buffers with room to spare (``k``/``v``, ``[B, capacity, H, Dh]``:
+    token-major, the layout the projection produces, so a step's write is one contiguous block per
+    row; doubled when full) and the filled ``length``, so a decoding step writes its own keys in place
     instead of copying the whole history (``torch.cat``: quadratic in the output length). Reordering
     the cache (beam search, dropping finished rows) selects rows of the buffers as of any tensor."""
     n, t = cache.get("length", 0), k.shape[2]
     buf_k, buf_v = cache.get("k"), cache.get("v")
-    if buf_k is None or n + t > buf_k.shape[2]:
+    if buf_k is None or n + t > buf_k.shape[1]:
         size = max(2 * n + t, 16)
-        new_k, new_v = k.new_empty(*k.shape[:2], size, k.shape[3]), v.new_empty(*v.shape[:2], size, v.shape[3])
+        b, h, _, dh = k.shape
+        new_k, new_v = k.new_empty(b, size, h, dh), v.new_empty(b, size, h, dh)
         if n:
-            new_k[:, :, :n], new_v[:, :, :n] = buf_k[:, :, :n], buf_v[:, :, :n]
+            new_k[:, :n], new_v[:, :n] = buf_k[:, :n], buf_v[:, :n]
         buf_k, buf_v = cache["k"], cache["v"] = new_k, new_v
-    buf_k[:, :, n : n + t], buf_v[:, :, n : n + t] = k, v
+    buf_k[:, n : n + t], buf_v[:, n : n + t] = k.transpose(1, 2), v.transpose(1, 2)
     cache["length"] = n + t
-    return buf_k[:, :, : n + t], buf_v[:, :, : n + t]
+    return buf_k[:, : n + t].transpose(1, 2), buf_v[:, : n + t].transpose(1, 2)
 
 
 class MultiheadAttention(nn.Module):

@@ -59,7 +59,7 @@ def test_cached_decoding_equals_uncached(every_layer):
                           return_intermediate=False)[0] for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
     assert cache[0]["self"]["length"] == 6  # one key per decoded position
-    assert cache[0]["self"]["k"].shape[2] >= 6  # written in place into a buffer with room to spare
+    assert cache[0]["self"]["k"].shape[1] >= 6  # written in place into a buffer with room to spare
     assert cache[0]["cross"]["k"].shape[2] == 5  # encoder keys computed once
 
 
@@ -83,7 +83,7 @@ def test_cache_grows_past_its_buffer_and_follows_a_reorder():
             tgt = torch.cat([tgt[order, :20], tgt[:, 20:]], 1)
         steps.append(model.decode(tgt[:, t : t + 1], memory if t < 20 else memory[order], cache=cache,
                                   is_causal=True, return_intermediate=False)[0])
-    assert cache[0]["self"]["length"] == 40 and cache[0]["self"]["k"].shape[2] > 40
+    assert cache[0]["self"]["length"] == 40 and cache[0]["self"]["k"].shape[1] > 40
     full = model.decode(tgt, memory[order], is_causal=True, return_intermediate=False)[0]
     torch.testing.assert_close(torch.cat(steps, 1)[:, 20:], full[:, 20:], rtol=1e-4, atol=1e-5)
 
