@@ -139,7 +139,8 @@ def max_lengths(
 
 
 class _Stepper:
-    """Next-token log-probabilities for a batch of prefixes, with or without the KV cache."""
+    """Next-token log-probabilities (or, with ``raw``, logits) for a batch of prefixes, with or
+    without the KV cache."""
 
     def __init__(self, model: Any, memory: Tensor, memory_padding_mask: Tensor | None, src: Tensor,
                  use_cache: bool, raw: bool = False) -> None:
@@ -189,8 +190,8 @@ def _prepare(
     logits_processor: LogitsProcessor | None,
     ban_eos: bool = False,
 ) -> Tensor:
-    """Block pad (and EOS while ``ban_eos``: shorter than ``min_len``), run the user's processor,
-    force EOS on the rows that reached their limit.
+    """Block pad, run the user's processor, then block EOS while ``ban_eos`` (shorter than
+    ``min_len``) and force EOS on the rows that reached their limit.
 
     A forced EOS keeps the model's own EOS log-prob (taken before the processor, which may have
     banned EOS), so it is always chosen and beam scores stay the model's."""
