@@ -45,7 +45,7 @@ def _ops_work() -> bool:
                 _available = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
                     y, F.linear(x, w, b), rtol=1e-5, atol=1e-5
                 )
-        except (AttributeError, RuntimeError):
+        except (AttributeError, RuntimeError, TypeError):  # ops missing or with another signature
             _available = False
     return _available
 
