@@ -262,7 +262,7 @@ def forward_loss(impl: str, model: torch.nn.Module, inputs: dict, epsilon: float
     if impl == "ours":
         tgt_in, labels = shift_right(inputs["tgt"])
         keep = ~inputs["tgt_padding_mask"][:, 1:]
-        out = model(inputs["src"], inputs["src_padding_mask"], tgt_in, None, select=keep, hidden=True)
+        out = model(inputs["src"], inputs["src_padding_mask"], tgt_in, None, select=keep, output="hidden")
         return model.sequence_loss(out, labels[keep], epsilon, PAD_ID)[0]
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                 decoder_input_ids=inputs["decoder_input_ids"], use_cache=False, return_dict=True)

@@ -6,9 +6,9 @@ Plain PyTorch, no Lightning. Every function works on any model with ``Translatio
 - ``model.init_cache() -> cache`` (a list of per-layer dicts of tensors, batch first; entries under
   a ``"cross"`` key depend on the source only)
 - ``model.decode(tgt, memory, memory_padding_mask, src, tgt_padding_mask=None, cache=None, offset=0,
-  causal=True, need_attn=False) -> (log_probs [B, T, V], attn)``; optionally with ``normalize=False``
-  returning scores with the same argmax and softmax as the log-probabilities (logits), which greedy
-  decoding and sampling use when no ``logits_processor`` is given
+  causal=True, need_attn=False) -> (log_probs [B, T, V], attn)``; optionally with ``output="logits"``
+  returning scores with the same argmax and softmax as the log-probabilities, which greedy decoding
+  and sampling use when no ``logits_processor`` is given
 - ``model.predict_length_logits(memory, memory_padding_mask) -> [B, max_length + 1]`` (NAT only)
 - optionally ``model.positions`` (the position table; its length caps the output length).
 
@@ -147,7 +147,7 @@ class _Stepper:
         self.model, self.memory, self.mask, self.src = model, memory, memory_padding_mask, src
         self.cache = model.init_cache() if use_cache else None
         # raw scores (argmax and softmax of the log-probs, without the log-softmax) where the model offers them
-        self.options = {"normalize": False} if raw and "normalize" in inspect.signature(model.decode).parameters else {}
+        self.options = {"output": "logits"} if raw and "output" in inspect.signature(model.decode).parameters else {}
 
     def __call__(self, prefix: Tensor) -> Tensor:  # prefix [N, t+1] (BOS first) -> [N, V] float32
         if self.cache is not None:

@@ -19,6 +19,8 @@ from .packed import linear
 from .position import sinusoidal_positions
 from .transformer import LayerCache, Seq2SeqTransformer
 
+OUTPUTS = ("log_probs", "logits", "hidden")  # what TranslationModel.decode can return
+
 
 class TranslationModel(nn.Module):
     """Encoder-decoder over one joint vocabulary.
@@ -101,19 +103,20 @@ class TranslationModel(nn.Module):
         causal: bool = True,
         need_attn: bool = False,
         select: Tensor | None = None,
-        hidden: bool = False,
-        normalize: bool = True,
+        output: str = "log_probs",
     ) -> tuple[Tensor, Tensor | None]:
-        """Log-probabilities ``[B, T, V]`` and (when asked, or with copy) cross-attention ``[B, T, S]``.
+        """Scores ``[B, T, ...]`` and (when asked, or with copy) cross-attention ``[B, T, S]``.
 
-        ``select`` (bool ``[B, T]``): return log-probabilities ``[N, V]`` of the selected positions only
-        (training: the non-pad targets), so the largest matmul, the vocabulary projection, skips padding.
-        ``normalize=False`` returns float32 logits instead of log-probabilities where that saves the
-        log-softmax (no copy mechanism): the same argmax and the same softmax, which is all greedy
-        decoding and sampling read. ``hidden=True`` returns the last decoder states (``[B, T, D]`` or ``[N, D]``) instead, for
-        :meth:`sequence_loss`, which fuses the vocabulary projection with the loss; with the copy
-        mechanism the output is a mixture of distributions and log-probabilities are returned regardless.
+        ``output``: ``"log_probs"`` (``[B, T, V]``); ``"logits"`` (float32, the same argmax and softmax
+        without the log-softmax: what greedy decoding and sampling read); ``"hidden"`` (the last
+        decoder states ``[B, T, D]``, for :meth:`sequence_loss`, which fuses the vocabulary projection
+        with the loss). With the copy mechanism the output is a mixture of distributions and
+        log-probabilities are returned whatever is asked (:meth:`output_kind`).
+        ``select`` (bool ``[B, T]``): only the selected positions, ``[N, ...]`` (training: the non-pad
+        targets), so the largest matmul, the vocabulary projection, skips padding.
         """
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         want_attn = need_attn or self.copy_gate is not None
         out = self.transformer.decode(
             self.embed_tokens(tgt, offset), memory, memory_padding_mask=memory_padding_mask,
@@ -122,16 +125,23 @@ class TranslationModel(nn.Module):
         )
         h, attn = out if want_attn else (out, None)
         h = h[0]
-        if self.copy_gate is None and (select is not None or hidden):
-            h = h if select is None else h[select]
-            return (h if hidden else self.output(h).float().log_softmax(-1)), attn
-        log_probs = self.log_probs(h, attn, memory, src, normalize)
-        return (log_probs[select] if select is not None else log_probs), attn
+        if self.copy_gate is not None:  # the mixture needs every position's attention and memory
+            log_probs = self.log_probs(h, attn, memory, src)
+            return (log_probs[select] if select is not None else log_probs), attn
+        h = h[select] if select is not None else h
+        if output == "hidden":
+            return h, attn
+        logits = linear(h, self.output.weight).float()
+        return (logits if output == "logits" else logits.log_softmax(-1)), attn
 
-    def log_probs(self, h: Tensor, attn: Tensor | None, memory: Tensor, src: Tensor, normalize: bool = True) -> Tensor:
+    def output_kind(self, output: str) -> str:
+        """What :meth:`decode` returns when ``output`` is asked: log-probabilities with the copy mechanism."""
+        return output if self.copy_gate is None else "log_probs"
+
+    def log_probs(self, h: Tensor, attn: Tensor | None, memory: Tensor, src: Tensor) -> Tensor:
         logits = linear(h, self.output.weight).float()
         if self.copy_gate is None:
-            return logits.log_softmax(-1) if normalize else logits
+            return logits.log_softmax(-1)
         if memory.shape[0] != h.shape[0]:  # one encoder output per sentence, shared by its beams
             group = h.shape[0] // memory.shape[0]
             memory, src = memory.repeat_interleave(group, 0), src.repeat_interleave(group, 0)
@@ -161,17 +171,18 @@ class TranslationModel(nn.Module):
         causal: bool = True,
         need_attn: bool = False,
         select: Tensor | None = None,
-        hidden: bool = False,
+        output: str = "log_probs",
     ) -> dict[str, Tensor]:
-        """Teacher-forced pass: ``log_probs`` [B, T, V] (or [N, V] for the ``select``ed positions),
-        or with ``hidden=True`` and no copy mechanism the decoder states ``hidden`` instead;
-        ``cross_attn`` [B, T, S] (if asked), ``memory``. :meth:`sequence_loss` takes either."""
+        """Teacher-forced pass: the :meth:`decode` scores under the key of their kind (``log_probs``
+        [B, T, V], or [N, V] for the ``select``ed positions; ``hidden`` with ``output="hidden"`` and
+        no copy mechanism), ``cross_attn`` [B, T, S] (if asked), ``memory``. :meth:`sequence_loss`
+        takes ``log_probs`` or ``hidden``."""
         memory = self.encode(src, src_padding_mask)
         scores, attn = self.decode(
             tgt_in, memory, src_padding_mask, src, tgt_padding_mask, causal=causal, need_attn=need_attn,
-            select=select, hidden=hidden,
+            select=select, output=output,
         )
-        out = {"hidden" if hidden and self.copy_gate is None else "log_probs": scores, "memory": memory}
+        out = {self.output_kind(output): scores, "memory": memory}
         if attn is not None:
             out["cross_attn"] = attn
         return out

@@ -133,7 +133,7 @@ class TranslationTask(BaseTask):
             # after it, and padded positions are not scored (``select``), so SDPA's causal fast path
             # applies and the vocabulary projection runs on real tokens only.
             keep = ~label_pad
-            out = self.model(src, src_mask, tgt_in, None, need_attn=need_attn, select=keep, hidden=True)
+            out = self.model(src, src_mask, tgt_in, None, need_attn=need_attn, select=keep, output="hidden")
             attn = out.get("cross_attn")
             loss, nll = self.model.sequence_loss(out, labels[keep], self.label_smoothing, self.pad_id)
             attn_mask = in_mask

@@ -593,7 +593,7 @@ def test_raw_logits_path_gives_the_log_prob_paths_tokens():
     from modules.decoding import _Stepper
 
     memory = model.encode(src, mask)
-    assert _Stepper(model, memory, mask, src, True, raw=True).options == {"normalize": False}  # the raw path runs
+    assert _Stepper(model, memory, mask, src, True, raw=True).options == {"output": "logits"}  # the raw path runs
     assert torch.equal(greedy_decode(model, src, mask, BOS, EOS, PAD),
                        greedy_decode(model, src, mask, BOS, EOS, PAD, logits_processor=identity))
     for kw in ({"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}):

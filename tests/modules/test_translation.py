@@ -239,7 +239,7 @@ def test_model_sequence_loss_from_hidden_equals_loss_from_log_probs(copy):
     src, src_mask, tgt, tgt_mask = batch()
     tgt_in, labels = shift_right(tgt)
     keep = ~tgt_mask[:, 1:]
-    fast = model(src, src_mask, tgt_in, None, select=keep, hidden=True)
+    fast = model(src, src_mask, tgt_in, None, select=keep, output="hidden")
     assert ("hidden" in fast) != copy  # the copy mechanism has no logits to fuse
     slow = model(src, src_mask, tgt_in, None, select=keep)
     loss, nll = model.sequence_loss(fast, labels[keep], 0.1, PAD)
