@@ -34,11 +34,12 @@ def default_seed() -> int:
         return 0
 
 
-def world() -> tuple[int, int]:
-    """(num_replicas, rank) of the initialised process group, (1, 0) without one."""
+def world(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int]:
+    """(num_replicas, rank): the given ones, else those of the initialised process group, (1, 0) without one."""
+    w, r = 1, 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
+        w, r = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return (w if num_replicas is None else num_replicas), (r if rank is None else rank)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -95,11 +96,11 @@ class EpochSampler(DistributedSampler):
         seeded: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
-        w, r = world()
+        num_replicas, rank = world(num_replicas, rank)
         super().__init__(
             dataset,
-            num_replicas=w if num_replicas is None else num_replicas,
-            rank=r if rank is None else rank,
+            num_replicas=num_replicas,
+            rank=rank,
             shuffle=shuffle,
             seed=default_seed() if seed is None else int(seed),
             drop_last=False,
@@ -142,14 +143,8 @@ class EvalSampler(DistributedSampler):
     """Evaluation order: ``rank, rank + world, ...`` -- every sample exactly once over all ranks, no padding."""
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
-        w, r = world()
-        super().__init__(
-            dataset,
-            num_replicas=w if num_replicas is None else num_replicas,
-            rank=r if rank is None else rank,
-            shuffle=False,
-            drop_last=False,
-        )
+        num_replicas, rank = world(num_replicas, rank)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))  # type: ignore[arg-type]
         self.total_size = len(dataset)  # type: ignore[arg-type]
 
