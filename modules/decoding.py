@@ -580,6 +580,18 @@ def _settings_of(fn: Callable[..., Any]) -> set[str]:
     return set(inspect.signature(fn).parameters) - _FIXED
 
 
+def check_settings(settings: Mapping[str, Any], where: str = "decoding settings") -> None:
+    """Raise ``ValueError`` for an unknown ``strategy`` or a key no strategy takes (a typo), so a
+    config can be checked before training rather than when the first decode runs."""
+    strategy = settings.get("strategy", "greedy")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{where}: unknown decoding strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    known = set().union(*(_settings_of(fn) for fn in STRATEGIES.values()))
+    unknown = sorted(set(settings) - known - {"strategy"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+
+
 def decode(
     model: Any,
     strategy: str | Tensor,
@@ -618,12 +630,7 @@ def decode(
     merged.pop("strategy", None)
     if src is None:
         raise TypeError("decode() needs the source tokens")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown decoding strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    known = set().union(*(_settings_of(fn) for fn in STRATEGIES.values()))
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise ValueError(f"unknown decoding settings {unknown}; known: {sorted(known)}")
+    check_settings({"strategy": strategy, **merged})
     fn = STRATEGIES[strategy]
     kwargs = {key: value for key, value in merged.items() if key in _settings_of(fn)}
     if strategy == "nat":

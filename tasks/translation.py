@@ -8,6 +8,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
 
+from modules.decoding import check_settings
 from modules.decoding import decode as run_decoding
 from modules.translation import TranslationModel, guided_attention_loss, label_smoothed_nll, shift_right
 
@@ -36,6 +37,9 @@ class TranslationTask(BaseTask):
             decoder layer's cross-attention toward a monotonic (diagonal) alignment (0 = off).
         nat_length_weight: weight of the target-length loss in the non-autoregressive mode.
         num_samples: source / reference / hypothesis rows logged each validation.
+        test_decoding: decoding settings that differ on the test split, laid over ``model.decoding``
+            (e.g. ``{strategy: beam, beam_size: 5}``: validate greedily each epoch, report test BLEU
+            with beam search). None: the test split decodes as validation does.
     """
 
     task_name = "translation"
@@ -51,6 +55,7 @@ class TranslationTask(BaseTask):
         guided_attention_sigma: float = 0.2,
         nat_length_weight: float = 0.1,
         num_samples: int = 8,
+        test_decoding: dict | None = None,
         **optim,
     ) -> None:
         super().__init__(**optim)
@@ -62,6 +67,12 @@ class TranslationTask(BaseTask):
         self.decoding = dict(model.pop("decoding", None) or {"strategy": "greedy"})
         if self.mode == "nat":
             self.decoding["strategy"] = "nat"
+        self.test_decoding = dict(test_decoding or {})
+        if self.mode == "nat" and self.test_decoding.get("strategy", "nat") != "nat":
+            raise ValueError(f"model.mode=nat decodes with strategy 'nat'; task.test_decoding.strategy is "
+                             f"{self.test_decoding['strategy']!r}")
+        check_settings(self.decoding, "model.decoding")
+        check_settings({**self.decoding, **self.test_decoding}, "task.test_decoding")
         self.data_info = data_info
         self.pad_id, self.bos_id, self.eos_id = data_info["pad_id"], data_info["bos_id"], data_info["eos_id"]
         self.mask_id = data_info.get("mask_id", data_info.get("unk_id", 3))
@@ -199,14 +210,19 @@ class TranslationTask(BaseTask):
             out = self.translate_ids(src, src == self.pad_id, **overrides)
         return [self.tokenizer.decode(x) for x in out]
 
+    def hypotheses(self, batch: dict, split: str = "val") -> list[str]:
+        """Detokenised translations of a batch, decoded as ``split`` ("val" or "test") is."""
+        overrides = self.test_decoding if split == "test" else {}
+        out = self.translate_ids(batch["src"], batch["src_padding_mask"], **overrides)
+        return [self.tokenizer.decode(x) if self.tokenizer else " ".join(map(str, x)) for x in out]
+
     def _eval_step(self, batch: dict, metric: SacreBLEUScore, prefix: str) -> None:
         losses = self._losses(batch, train=False)
         bs = batch["src"].shape[0]
         ntok = (~batch["tgt_padding_mask"][:, 1:]).sum().float()
         self.log(f"{prefix}/loss", losses["loss"], batch_size=bs, sync_dist=True)
         (self.val_nll if prefix == "val" else self.test_nll).update(losses["nll"].detach(), ntok)
-        hyps = [self.tokenizer.decode(x) if self.tokenizer else " ".join(map(str, x))
-                for x in self.translate_ids(batch["src"], batch["src_padding_mask"])]
+        hyps = self.hypotheses(batch, prefix)
         refs = list(batch["tgt_text"])
         metric.update(hyps, [[r] for r in refs])
         if prefix == "val" and len(self._samples) < self.num_samples:

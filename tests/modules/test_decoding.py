@@ -292,7 +292,7 @@ def test_decode_dispatcher():
     nat = decode(model, "nat", src, mask, **common, settings={"iterations": 2})
     assert nat.shape[0] == 4
     assert_well_formed(nat)
-    with pytest.raises(ValueError, match="unknown decoding settings"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \[.beam_szie.\]"):
         decode(model, "greedy", src, mask, **common, settings={"beam_szie": 4})
     with pytest.raises(ValueError, match="unknown decoding strategy"):
         decode(model, "viterbi", src, mask, **common)

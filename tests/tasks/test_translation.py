@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sacrebleu
 import torch
 from torchmetrics.text import SacreBLEUScore
@@ -104,3 +105,30 @@ def test_translation_resume_is_exact(make_cfg, tmp_path):
     assert a["global_step"] == b["global_step"] > 2
     diff = max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
     assert diff <= 1e-6
+
+
+def test_test_decoding_applies_to_the_test_split_only():
+    """task.test_decoding lays its settings over model.decoding on the test split; validation decodes
+    with model.decoding. Bad settings fail when the task is built, not after training."""
+    model = {"d_model": 16, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 32,
+             "dropout": 0.0, "decoding": {"strategy": "greedy", "max_len_a": 0.0, "max_len_b": 6}}
+    info = {"vocab_size": 50, "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "mask_id": 4}
+    torch.manual_seed(0)
+    task = TranslationTask(model=model, data_info=info,
+                           test_decoding={"strategy": "beam", "beam_size": 3, "max_len_b": 2})
+    task.eval()
+    src = torch.randint(5, 50, (4, 7))
+    batch = {"src": src, "src_padding_mask": torch.zeros_like(src, dtype=torch.bool)}
+    with torch.inference_mode():
+        val, test = task.hypotheses(batch, "val"), task.hypotheses(batch, "test")
+        greedy = task.translate_ids(src, batch["src_padding_mask"])
+        beam = task.translate_ids(src, batch["src_padding_mask"], strategy="beam", beam_size=3, max_len_b=2)
+    assert val == [" ".join(map(str, x)) for x in greedy]
+    assert test == [" ".join(map(str, x)) for x in beam]
+    assert max(len(x) for x in greedy) > 2 >= max(len(x) for x in beam)  # the two settings really differ
+    for bad, match in (({"beam_szie": 5}, r"task.test_decoding: unknown key"),
+                       ({"strategy": "viterbi"}, "unknown decoding strategy")):
+        with pytest.raises(ValueError, match=match):
+            TranslationTask(model=model, data_info=info, test_decoding=bad)
+    with pytest.raises(ValueError, match="model.decoding: unknown key"):
+        TranslationTask(model={**model, "decoding": {"top_kk": 3}}, data_info=info)
