@@ -518,7 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="run every measurement N times (odd repeats Marian first); ratios use the medians")
     p.add_argument("--marian-attn", default="sdpa", choices=["sdpa", "eager"],
-                   help="Marian's attention implementation (ours always uses SDPA)")
+                   help="Marian's attention implementation (ours: SDPA in training and the encoder, "
+                        "explicit matmuls in cached decoding steps)")
     p.add_argument("--marian-match", action=argparse.BooleanOptionalAction, default=True,
                    help="Marian with ReLU and attention/activation dropout 0.1 like ours "
                         "(--no-marian-match: HF defaults, GELU and no attention/activation dropout)")

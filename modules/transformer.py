@@ -3,7 +3,8 @@
 One class serves every task. Detection feeds image tokens to the encoder and learned object queries
 to the decoder (all decoded in parallel); translation feeds source tokens and shifted target tokens
 with a causal mask (decoded step by step with the cache). Attention runs through
-``torch.nn.functional.scaled_dot_product_attention``.
+``torch.nn.functional.scaled_dot_product_attention``, except where ``MultiheadAttention.forward``
+says why two explicit matmuls serve better (decoding steps with the cache among them).
 
 Mask convention (everywhere in this package): a bool mask is True where attention is **blocked**
 (padding, future positions), like ``pixel_mask`` and ``src_padding_mask`` in the data contracts.
@@ -49,23 +50,24 @@ def _attention_mask(padding_mask: Tensor | None, mask: Tensor | None) -> Tensor 
 def _append(cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Write new keys/values ``[B, H, t, Dh]`` after the cached ones; returns all of them (views).
 
-    The self-attention cache keeps buffers with room to spare (``k``/``v``, ``[B, capacity, H, Dh]``:
-    token-major, the layout the projection produces, so a step's write is one contiguous block per
-    row; doubled when full) and the filled ``length``, so a decoding step writes its own keys in place
-    instead of copying the whole history (``torch.cat``: quadratic in the output length). Reordering
-    the cache (beam search, dropping finished rows) selects rows of the buffers as of any tensor."""
+    The self-attention cache keeps buffers with room to spare (``k``/``v``, ``[B, H, capacity, Dh]``,
+    doubled when full) and the filled ``length``, so a decoding step writes its own keys in place
+    instead of copying the whole history (``torch.cat``: quadratic in the output length). Head-major:
+    each (row, head)'s keys are one contiguous block, which the step's two batched matmuls read
+    without a copy. Reordering the cache (beam search, dropping finished rows) selects rows of the
+    buffers as of any tensor."""
     n, t = cache.get("length", 0), k.shape[2]
     buf_k, buf_v = cache.get("k"), cache.get("v")
-    if buf_k is None or n + t > buf_k.shape[1]:
+    if buf_k is None or n + t > buf_k.shape[2]:
         size = max(2 * n + t, 16)
         b, h, _, dh = k.shape
-        new_k, new_v = k.new_empty(b, size, h, dh), v.new_empty(b, size, h, dh)
+        new_k, new_v = k.new_empty(b, h, size, dh), v.new_empty(b, h, size, dh)
         if n:
-            new_k[:, :n], new_v[:, :n] = buf_k[:, :n], buf_v[:, :n]
+            new_k[:, :, :n], new_v[:, :, :n] = buf_k[:, :, :n], buf_v[:, :, :n]
         buf_k, buf_v = cache["k"], cache["v"] = new_k, new_v
-    buf_k[:, n : n + t], buf_v[:, n : n + t] = k.transpose(1, 2), v.transpose(1, 2)
+    buf_k[:, :, n : n + t], buf_v[:, :, n : n + t] = k, v
     cache["length"] = n + t
-    return buf_k[:, : n + t].transpose(1, 2), buf_v[:, : n + t].transpose(1, 2)
+    return buf_k[:, :, : n + t], buf_v[:, :, : n + t]
 
 
 class MultiheadAttention(nn.Module):
@@ -111,17 +113,18 @@ class MultiheadAttention(nn.Module):
         serves ``g`` consecutive query rows (beam search: a sentence's beams read one copy of its
         encoder output), computed as ``g * T`` queries against it."""
         d, w, b = self.d_model, self.in_proj.weight, self.in_proj.bias
-        cached = static_kv and cache is not None and "k" in cache
+        cached = static_kv and cache is not None and "k_t" in cache
         rows, length = query.shape[:2]
-        kv_rows = cache["k"].shape[0] if cached else key.shape[0]
+        kv_rows = cache["v"].shape[0] if cached else key.shape[0]
         if kv_rows != rows:
             if key is query or not kv_rows or rows % kv_rows:
                 raise ValueError(f"{rows} query rows cannot share {kv_rows} key/value rows (need a multiple)")
             query = query.reshape(kv_rows, rows // kv_rows * length, -1)
+        k_t = None  # keys transposed, [B, H, Dh, S]
         if cached:
             # cross-attention while decoding step by step: encoder keys/values were computed once
             q = self._heads(linear(query, w[:d], b[:d]))
-            k, v = cache["k"], cache["v"]
+            k_t, v = cache["k_t"], cache["v"]
         else:
             if key is query and value is query:
                 q, k, v = (self._heads(t) for t in linear(query, w, b).chunk(3, dim=-1))
@@ -132,22 +135,29 @@ class MultiheadAttention(nn.Module):
                 q = self._heads(linear(query, w[:d], b[:d]))
                 k, v = self._project_kv(key, value)
             if cache is not None:
-                if static_kv:
-                    cache["k"], cache["v"] = k, v
+                if static_kv:  # stored as the decoding steps read them: keys transposed, both contiguous
+                    k_t = cache["k_t"] = k.transpose(-2, -1).contiguous()
+                    v = cache["v"] = v.contiguous()
                 else:  # self-attention: append this step's keys/values
                     k, v = _append(cache, k, v)
-        # explicit softmax when the copy mechanism / guided attention read the weights, and on CPU
-        # for reduced precision, where SDPA's bf16 kernels (forward + backward) run 3-8x slower than
-        # these two matmuls (benchmarks/README.md), and for attention dropout, which sends SDPA to its
-        # math path with a bernoulli_ mask (modules/dropout.py); the softmax itself stays in float32
+        # Explicit softmax(q k^T) v (two batched matmuls, float32 softmax) for:
+        # - decoding with the cache: a step's few queries per (row, head) make SDPA's fused CPU
+        #   kernel pay its per-head overhead for little work; the matmuls read the cache's contiguous
+        #   keys/values as they are (in benchmarks/translation_speed.py's greedy decoding the
+        #   attention took ~40 % less time);
+        # - the copy mechanism / guided attention, which read the weights;
+        # - on CPU, reduced precision, where SDPA's bf16 kernels (forward + backward) run 3-8x slower
+        #   (benchmarks/README.md), and attention dropout, which sends SDPA to its math path with a
+        #   bernoulli_ mask (modules/dropout.py).
         drop = self.dropout if self.training else 0.0
-        if need_weights or (q.device.type == "cpu" and (drop > 0 or q.dtype in (torch.bfloat16, torch.float16))):
-            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if (cache is not None or need_weights
+                or (q.device.type == "cpu" and (drop > 0 or q.dtype in (torch.bfloat16, torch.float16)))):
+            scores = (q @ (k.transpose(-2, -1) if k_t is None else k_t)).mul_(q.shape[-1] ** -0.5)
             if is_causal and attn_mask is None:
                 t, s = scores.shape[-2:]
                 attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
             if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
+                scores = scores.masked_fill_(~attn_mask, float("-inf"))
             probs = scores.float().softmax(-1)
             out = dropout(probs.to(v.dtype), drop) @ v
         else:

@@ -99,7 +99,7 @@ def test_cache_is_filled_once_for_cross_attention_and_grows_for_self_attention()
         model.decode(tokens, memory, mask, src, cache=cache, offset=t)
     for layer in cache:
         assert layer["self"]["length"] == 3  # one key per fed token
-        assert layer["cross"]["k"].shape[2] == src.shape[1]  # the encoder's, computed once
+        assert layer["cross"]["v"].shape[2] == src.shape[1]  # the encoder's, computed once
 
 
 # special cases equal greedy -----------------------------------------------------------------------

@@ -59,8 +59,8 @@ def test_cached_decoding_equals_uncached(every_layer):
                           return_intermediate=False)[0] for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
     assert cache[0]["self"]["length"] == 6  # one key per decoded position
-    assert cache[0]["self"]["k"].shape[1] >= 6  # written in place into a buffer with room to spare
-    assert cache[0]["cross"]["k"].shape[2] == 5  # encoder keys computed once
+    assert cache[0]["self"]["k"].shape[2] >= 6  # written in place into a buffer with room to spare
+    assert cache[0]["cross"]["k_t"].shape[3] == 5  # encoder keys computed once (stored transposed)
 
 
 def test_cache_grows_past_its_buffer_and_follows_a_reorder():
@@ -77,13 +77,14 @@ def test_cache_grows_past_its_buffer_and_follows_a_reorder():
         if t == 20:  # row i continues the history of row order[i]
             for layer in cache:
                 for part in layer.values():
-                    for key in ("k", "v"):
-                        part[key] = part[key].index_select(0, order)
+                    for key, value in part.items():
+                        if isinstance(value, torch.Tensor):
+                            part[key] = value.index_select(0, order)
             steps = [s.index_select(0, order) for s in steps]
             tgt = torch.cat([tgt[order, :20], tgt[:, 20:]], 1)
         steps.append(model.decode(tgt[:, t : t + 1], memory if t < 20 else memory[order], cache=cache,
                                   is_causal=True, return_intermediate=False)[0])
-    assert cache[0]["self"]["length"] == 40 and cache[0]["self"]["k"].shape[1] > 40
+    assert cache[0]["self"]["length"] == 40 and cache[0]["self"]["k"].shape[2] > 40
     full = model.decode(tgt, memory[order], is_causal=True, return_intermediate=False)[0]
     torch.testing.assert_close(torch.cat(steps, 1)[:, 20:], full[:, 20:], rtol=1e-4, atol=1e-5)
 
@@ -104,7 +105,7 @@ def test_memory_shared_by_consecutive_query_rows(cached):
         outs = [model.decode(tgt[:, t : t + 1], memory, memory_padding_mask=mask, cache=cache, is_causal=True,
                              return_intermediate=False, return_cross_attn=True) for t in range(4)]
         got, got_w = torch.cat([h for h, _ in outs], 2), torch.cat([w for _, w in outs], 1)
-        assert cache[0]["cross"]["k"].shape[0] == 2  # one copy per memory row
+        assert cache[0]["cross"]["v"].shape[0] == 2  # one copy per memory row
     else:
         got, got_w = model.decode(tgt, memory, memory_padding_mask=mask, is_causal=True, return_intermediate=False,
                                   return_cross_attn=True)
