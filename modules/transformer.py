@@ -152,7 +152,9 @@ class MultiheadAttention(nn.Module):
         drop = self.dropout if self.training else 0.0
         if (cache is not None or need_weights
                 or (q.device.type == "cpu" and (drop > 0 or q.dtype in (torch.bfloat16, torch.float16)))):
-            scores = (q @ (k.transpose(-2, -1) if k_t is None else k_t)).mul_(q.shape[-1] ** -0.5)
+            # q scaled first: the product is contiguous, which the batched matmul needs anyway (a
+            # step's q is a strided slice of the fused projection), so the scaling costs no extra pass
+            scores = (q * q.shape[-1] ** -0.5) @ (k.transpose(-2, -1) if k_t is None else k_t)
             if is_causal and attn_mask is None:
                 t, s = scores.shape[-2:]
                 attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
