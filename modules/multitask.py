@@ -57,10 +57,12 @@ class TaskTransformer(nn.Module):
     def init_cache(self) -> list[LayerCache]:
         return self.shared.init_cache()
 
-    def encode(self, src: Tensor, src_pos: Tensor | None = None, src_padding_mask: Tensor | None = None) -> Tensor:
+    def encode(self, src: Tensor, src_pos: Tensor | None = None, src_padding_mask: Tensor | None = None,
+               pack: bool = False) -> Tensor:
         if self.embed_where == "both":
             src = self._add_embedding(src)
-        return self.shared.encode(src, src_pos, src_padding_mask, pos_at_every_layer=self.pos_at_every_layer)
+        return self.shared.encode(src, src_pos, src_padding_mask, pos_at_every_layer=self.pos_at_every_layer,
+                                  pack=pack)
 
     def decode(self, tgt: Tensor, memory: Tensor, *args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
         """``Seq2SeqTransformer.decode`` with the task embedding added to ``tgt`` (also to the new positions

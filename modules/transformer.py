@@ -47,6 +47,34 @@ def _attention_mask(padding_mask: Tensor | None, mask: Tensor | None) -> Tensor 
     return allowed
 
 
+class PackedRows:
+    """The real (non-padding) tokens of a ``[B, S]`` batch, to run per-token layers on them alone.
+
+    ``index``: their positions in the flattened ``[B * S]`` batch. ``gather(x [B, S, ...])`` ->
+    ``[N, ...]``; ``scatter(x [N, ...])`` -> ``[B, S, ...]`` with zeros at the padding."""
+
+    def __init__(self, padding_mask: Tensor) -> None:  # [B, S] bool, True = padding
+        self.batch, self.length = padding_mask.shape
+        self.index = (~padding_mask).flatten().nonzero().squeeze(1)
+
+    @classmethod
+    def worth_it(cls, padding_mask: Tensor | None, device: torch.device) -> PackedRows | None:
+        """Packing pays for its gather/scatter once an eighth of the batch is padding (on CPU; on
+        other devices the index would synchronise the stream on every call)."""
+        if padding_mask is None or device.type != "cpu" or padding_mask.dim() != 2:
+            return None
+        if int(padding_mask.sum()) * 8 < padding_mask.numel():
+            return None
+        return cls(padding_mask)
+
+    def gather(self, x: Tensor) -> Tensor:
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
+
+    def scatter(self, x: Tensor) -> Tensor:
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy_(0, self.index, x)
+        return out.view(self.batch, self.length, *x.shape[1:])
+
+
 def _append(cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Write new keys/values ``[B, H, t, Dh]`` after the cached ones; returns all of them (views).
 
@@ -98,6 +126,52 @@ class MultiheadAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.nhead, -1).transpose(1, 2)
 
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                explicit: bool, keys_transposed: bool = False) -> tuple[Tensor, Tensor | None]:
+        """softmax(q k^T / sqrt(Dh)) v over ``[B, H, T, Dh]`` heads (``k`` given ``[B, H, Dh, S]`` when
+        ``keys_transposed``); returns the output and, on the explicit path, the weights.
+
+        SDPA, except two batched matmuls with a float32 softmax where ``explicit`` (the caller's:
+        decoding with the cache, where a step's few queries per (row, head) make SDPA's fused CPU
+        kernel pay its per-head overhead for little work, and the matmuls read the cache's contiguous
+        keys/values as they are; the copy mechanism / guided attention, which read the weights), and
+        on CPU for reduced precision, where SDPA's bf16 kernels (forward + backward) run 3-8x slower
+        (benchmarks/README.md), and for attention dropout, which sends SDPA to its math path with a
+        bernoulli_ mask (modules/dropout.py)."""
+        drop = self.dropout if self.training else 0.0
+        if keys_transposed or explicit or (
+                q.device.type == "cpu" and (drop > 0 or q.dtype in (torch.bfloat16, torch.float16))):
+            # q scaled first: the product is contiguous, which the batched matmul needs anyway (a
+            # step's q is a strided slice of the fused projection), so the scaling costs no extra pass
+            scores = (q * q.shape[-1] ** -0.5) @ (k if keys_transposed else k.transpose(-2, -1))
+            if is_causal and attn_mask is None:
+                t, s = scores.shape[-2:]
+                attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+            if attn_mask is not None:
+                scores = scores.masked_fill_(~attn_mask, float("-inf"))
+            probs = scores.float().softmax(-1)
+            return dropout(probs.to(v.dtype), drop) @ v, probs
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal and attn_mask is None
+        )
+        return out, None
+
+    def forward_packed(self, query: Tensor, value: Tensor, attn_mask: Tensor | None, rows: PackedRows) -> Tensor:
+        """Self-attention of a padded batch given only its real tokens: ``query`` / ``value`` ``[N, D]``
+        are the rows ``rows.index`` of the flattened ``[B * S, D]`` batch (``query`` may carry positions;
+        keys are the queries). The projections run on the N real rows; the attention on the padded
+        layout (zeros at padding, which ``attn_mask`` hides as keys). Returns ``[N, D]``."""
+        d, w, b = self.d_model, self.in_proj.weight, self.in_proj.bias
+        if value is query:
+            proj = linear(query, w, b)
+        else:
+            proj = torch.cat([linear(query, w[: 2 * d], b[: 2 * d]), linear(value, w[2 * d :], b[2 * d :])], -1)
+        full = rows.scatter(proj)  # [B, S, 3D]
+        q, k, v = (self._heads(t) for t in full.chunk(3, dim=-1))
+        out, _ = self._attend(q, k, v, attn_mask, False, False)
+        out = rows.gather(out.transpose(1, 2).reshape(rows.batch, rows.length, d))
+        return linear(out, self.out_proj.weight, self.out_proj.bias)
+
     def forward(
         self,
         query: Tensor,  # [B, T, D]
@@ -120,11 +194,11 @@ class MultiheadAttention(nn.Module):
             if key is query or not kv_rows or rows % kv_rows:
                 raise ValueError(f"{rows} query rows cannot share {kv_rows} key/value rows (need a multiple)")
             query = query.reshape(kv_rows, rows // kv_rows * length, -1)
-        k_t = None  # keys transposed, [B, H, Dh, S]
+        transposed = static_kv and cache is not None  # cross-attention cache: keys kept as [B, H, Dh, S]
         if cached:
             # cross-attention while decoding step by step: encoder keys/values were computed once
             q = self._heads(linear(query, w[:d], b[:d]))
-            k_t, v = cache["k_t"], cache["v"]
+            k, v = cache["k_t"], cache["v"]
         else:
             if key is query and value is query:
                 q, k, v = (self._heads(t) for t in linear(query, w, b).chunk(3, dim=-1))
@@ -136,41 +210,12 @@ class MultiheadAttention(nn.Module):
                 k, v = self._project_kv(key, value)
             if cache is not None:
                 if static_kv:  # stored as the decoding steps read them: keys transposed, both contiguous
-                    k_t = cache["k_t"] = k.transpose(-2, -1).contiguous()
+                    k = cache["k_t"] = k.transpose(-2, -1).contiguous()
                     v = cache["v"] = v.contiguous()
                 else:  # self-attention: append this step's keys/values
                     k, v = _append(cache, k, v)
-        # Explicit softmax(q k^T) v (two batched matmuls, float32 softmax) for:
-        # - decoding with the cache: a step's few queries per (row, head) make SDPA's fused CPU
-        #   kernel pay its per-head overhead for little work; the matmuls read the cache's contiguous
-        #   keys/values as they are (in benchmarks/translation_speed.py's greedy decoding the
-        #   attention took ~40 % less time);
-        # - the copy mechanism / guided attention, which read the weights;
-        # - on CPU, reduced precision, where SDPA's bf16 kernels (forward + backward) run 3-8x slower
-        #   (benchmarks/README.md), and attention dropout, which sends SDPA to its math path with a
-        #   bernoulli_ mask (modules/dropout.py).
-        drop = self.dropout if self.training else 0.0
-        if (cache is not None or need_weights
-                or (q.device.type == "cpu" and (drop > 0 or q.dtype in (torch.bfloat16, torch.float16)))):
-            # q scaled first: the product is contiguous, which the batched matmul needs anyway (a
-            # step's q is a strided slice of the fused projection), so the scaling costs no extra pass
-            scores = (q * q.shape[-1] ** -0.5) @ (k.transpose(-2, -1) if k_t is None else k_t)
-            if is_causal and attn_mask is None:
-                t, s = scores.shape[-2:]
-                attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-            if attn_mask is not None:
-                scores = scores.masked_fill_(~attn_mask, float("-inf"))
-            probs = scores.float().softmax(-1)
-            out = dropout(probs.to(v.dtype), drop) @ v
-        else:
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=drop,
-                is_causal=is_causal and attn_mask is None,
-            )
+        out, probs = self._attend(q, k, v, attn_mask, is_causal, explicit=cache is not None or need_weights,
+                                  keys_transposed=transposed)
         bsz, _, t, _ = out.shape
         out = linear(out.transpose(1, 2).reshape(bsz, t, d), self.out_proj.weight, self.out_proj.bias)
         out = out.view(rows, length, d)
@@ -204,14 +249,19 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop1, self.drop2 = Dropout(dropout), Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor | None, attn_mask: Tensor | None,
+                rows: PackedRows | None = None) -> Tensor:
+        """``src`` / ``pos`` ``[B, S, D]``, or with ``rows`` the real tokens alone, ``[N, D]``."""
+        def attend(qk: Tensor, v: Tensor) -> Tensor:
+            if rows is None:
+                return self.self_attn(qk, qk, v, attn_mask)
+            return self.self_attn.forward_packed(qk, v, attn_mask, rows)
+
         if self.norm_first:
             x = self.norm1(src)
-            qk = _with_pos(x, pos)
-            src = src + self.drop1(self.self_attn(qk, qk, x, attn_mask))
+            src = src + self.drop1(attend(_with_pos(x, pos), x))
             return src + self.drop2(self.ffn(self.norm2(src)))
-        qk = _with_pos(src, pos)
-        src = self.norm1(src + self.drop1(self.self_attn(qk, qk, src, attn_mask)))
+        src = self.norm1(src + self.drop1(attend(_with_pos(src, pos), src)))
         return self.norm2(src + self.drop2(self.ffn(src)))
 
 
@@ -308,14 +358,28 @@ class Seq2SeqTransformer(nn.Module):
         src_pos: Tensor | None = None,  # [B, S, D] or [S, D]
         src_padding_mask: Tensor | None = None,  # [B, S] bool, True = padding
         pos_at_every_layer: bool | None = None,  # this call's position convention (None: the instance's)
+        pack: bool = False,  # inference: per-token layers on the real tokens only (CPU, >= 1/8 padding)
     ) -> Tensor:  # memory [B, S, D]
+        """The encoder's output ``[B, S, D]``. With ``pack``, outside autograd (inference, as
+        ``nn.TransformerEncoder``'s nested-tensor fast path), a CPU batch with at least an eighth of
+        padding runs the projections, feed-forward layers and norms on its real tokens only; the
+        output is then zero at the padding, which every consumer masks. Training batches, bucketed by
+        length, have little padding, and their numerics stay those of the padded computation."""
         every = self.pos_at_every_layer if pos_at_every_layer is None else pos_at_every_layer
         if src_pos is not None and not every:
             src, src_pos = src + src_pos, None
         mask = _attention_mask(src_padding_mask, None)
+        rows = PackedRows.worth_it(src_padding_mask, src.device) if pack and not torch.is_grad_enabled() else None
+        if rows is None:
+            for layer in self.encoder_layers:
+                src = layer(src, src_pos, mask)
+            return self.encoder_norm(src)
+        # per-token layers (projections, FFN, norms) on the real tokens only; padding comes out as zeros
+        x = rows.gather(src)
+        pos = None if src_pos is None else rows.gather(src_pos.expand_as(src))
         for layer in self.encoder_layers:
-            src = layer(src, src_pos, mask)
-        return self.encoder_norm(src)
+            x = layer(x, pos, mask, rows)
+        return rows.scatter(self.encoder_norm(x))
 
     def init_cache(self) -> list[LayerCache]:
         """An empty incremental-decoding cache: pass the same list to every ``decode`` step."""

@@ -86,7 +86,7 @@ class TranslationModel(nn.Module):
 
     def encode(self, src: Tensor, src_padding_mask: Tensor | None = None) -> Tensor:
         """``src`` [B, S] -> memory [B, S, D]."""
-        return self.transformer.encode(self.embed_tokens(src), None, src_padding_mask)
+        return self.transformer.encode(self.embed_tokens(src), None, src_padding_mask, pack=True)
 
     def init_cache(self) -> list[LayerCache]:
         return self.transformer.init_cache()

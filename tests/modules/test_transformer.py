@@ -35,6 +35,28 @@ def test_encoder_padding_is_ignored(model):
     )
 
 
+@pytest.mark.parametrize("every_layer", [False, True], ids=["pos-once", "pos-every-layer"])
+def test_packed_encoder_equals_padded(model, every_layer):
+    """encode(pack=True) in inference runs the per-token layers on the real tokens only: the same
+    memory at the real positions, zeros at the padding. Not packed: under autograd, or with too
+    little padding."""
+    torch.manual_seed(1)
+    src, pos = torch.randn(3, 8, 32), torch.randn(8, 32)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, 5:], mask[2, 2:] = True, True  # 9 of 24 positions are padding
+    kw = dict(pos_at_every_layer=every_layer)
+    with torch.no_grad():
+        plain, packed = [model.encode(src, pos, mask, pack=p, **kw) for p in (False, True)]
+    torch.testing.assert_close(packed[~mask], plain[~mask], rtol=1e-4, atol=1e-5)
+    assert packed[mask].abs().max() == 0 and plain[mask].abs().max() > 0  # the packed path ran
+    training = model.encode(src, pos, mask, pack=True, **kw)  # autograd on: the padded computation
+    torch.testing.assert_close(training.detach(), plain)
+    few = torch.zeros(3, 8, dtype=torch.bool)
+    few[0, 7] = True  # 1 of 24: not worth packing
+    with torch.no_grad():
+        assert model.encode(src, pos, few, pack=True, **kw)[few].abs().max() > 0
+
+
 def test_causal_mask_hides_the_future(model):
     memory = model.encode(torch.randn(1, 5, 32))
     tgt = torch.randn(1, 6, 32)
