@@ -132,3 +132,14 @@ def test_test_decoding_applies_to_the_test_split_only():
             TranslationTask(model=model, data_info=info, test_decoding=bad)
     with pytest.raises(ValueError, match="model.decoding: unknown key"):
         TranslationTask(model={**model, "decoding": {"top_kk": 3}}, data_info=info)
+
+
+def test_bleu_recipe_composes_and_runs_on_cpu(make_cfg):
+    """experiment=transformer_multi30k_gpu (the >= 35 BLEU recipe) with trainer=cpu, shrunk: its keys
+    are accepted and it trains, validates and tests (beam 5 on the test split via task.test_decoding)."""
+    cfg = make_cfg("experiment=transformer_multi30k_gpu", "trainer=cpu", *TINY[1:], "trainer.fast_dev_run=true",
+                   "logger=none", tiny=False)
+    assert cfg.task.scheduler == "cosine" and cfg.task.test_decoding.strategy == "beam"
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_epochs == 24
+    metrics = train(cfg)
+    assert {"val/BLEU", "test/BLEU"} <= set(metrics)
