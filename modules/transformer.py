@@ -3,7 +3,7 @@
 One class serves every task. Detection feeds image tokens to the encoder and learned object queries
 to the decoder (all decoded in parallel); translation feeds source tokens and shifted target tokens
 with a causal mask (decoded step by step with the cache). Attention runs through
-``torch.nn.functional.scaled_dot_product_attention``, except where ``MultiheadAttention.forward``
+``torch.nn.functional.scaled_dot_product_attention``, except where ``MultiheadAttention._attend``
 says why two explicit matmuls serve better (decoding steps with the cache among them).
 
 Mask convention (everywhere in this package): a bool mask is True where attention is **blocked**
