@@ -14,6 +14,7 @@ Needs no ``transformers``; the model is T1 with random weights, as in ``translat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -26,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import translation_speed as ts  # noqa: E402
 
-from modules.decoding import beam_search, greedy_decode, pad_hypotheses  # noqa: E402
 from modules.packed import packed_linears  # noqa: E402
 
 
@@ -47,22 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         data = torch.load(path, weights_only=False)
     torch.manual_seed(bench_args.seed)
     model = ts.build_model("ours", setting, data["vocab_size"], bench_args).eval()
-    encoder = model.transformer
-
-    def encode(pack: bool):
-        return lambda src, mask=None: encoder.encode(model.embed_tokens(src), None, mask, pack=pack)
+    encode = model.encode
 
     def run(batch: dict) -> torch.Tensor:
-        limit = batch["limit"]
-        src, mask = batch["src"], batch["src_padding_mask"]
-        if args.mode == "beam":
-            hyps = beam_search(model, src, mask, ts.BOS_ID, ts.EOS_ID, ts.PAD_ID, beam_size=setting.beam_size,
-                               max_len_a=0.0, max_len_b=limit, min_len=limit)
-            return pad_hypotheses([h[0][0] for h in hyps], ts.PAD_ID)
-        return greedy_decode(model, src, mask, ts.BOS_ID, ts.EOS_ID, ts.PAD_ID, max_len_a=0.0, max_len_b=limit,
-                             min_len=limit)
+        return ts.ours_decode(model, args.mode, batch["src"], batch["src_padding_mask"], batch["limit"],
+                              setting.beam_size)
 
-    variants = {"padded": encode(False), "packed": encode(True)}
+    variants = {"padded": functools.partial(encode, pack=False), "packed": functools.partial(encode, pack=True)}
     batches = data["decode"]
     model.encode = variants["packed"]
     run({**batches[0], "src": batches[0]["src"][:8], "src_padding_mask": batches[0]["src_padding_mask"][:8],

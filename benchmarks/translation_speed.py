@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:  # runnable without PYTHONPATH
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_model, emit_json, max_rss_mib  # noqa: E402
-from modules.decoding import beam_search, greedy_decode  # noqa: E402
+from modules.decoding import beam_search, greedy_decode, pad_hypotheses  # noqa: E402
 from modules.translation import TranslationModel, shift_right  # noqa: E402
 
 # datamodules.text's fixed special ids (checked in prepare_data; workers do not import the data
@@ -323,18 +323,24 @@ def run_train(impl: str, precision: str, setting: Setting, args: argparse.Namesp
 
 
 # ---------------------------------------------------------------------------------------- decoding
+def ours_decode(model: torch.nn.Module, mode: str, src: torch.Tensor, mask: torch.Tensor, limit: int,
+                beam_size: int) -> torch.Tensor:
+    """Our decoding at the benchmark's forced length: output tokens ``[B, limit]`` (EOS last).
+    ``mode``: greedy | greedy_nocache | beam (each sentence's best hypothesis)."""
+    if mode == "beam":
+        hyps = beam_search(model, src, mask, BOS_ID, EOS_ID, PAD_ID, beam_size=beam_size,
+                           length_penalty=1.0, max_len_a=0.0, max_len_b=limit, min_len=limit)
+        return pad_hypotheses([h[0][0] for h in hyps], PAD_ID)
+    # min_len = limit: EOS never chosen freely, only forced at the limit (HF: min_new_tokens)
+    return greedy_decode(model, src, mask, BOS_ID, EOS_ID, PAD_ID, max_len_a=0.0, max_len_b=limit,
+                         use_cache=mode == "greedy", min_len=limit)
+
+
 def make_decoder(impl: str, mode: str, model: torch.nn.Module, beam_size: int):
     """``fn(src, src_padding_mask, limit) -> output tokens per sentence (list[int], EOS included)``."""
     if impl == "ours":
         def run(src, mask, limit):
-            if mode == "beam":
-                hyps = beam_search(model, src, mask, BOS_ID, EOS_ID, PAD_ID, beam_size=beam_size,
-                                   length_penalty=1.0, max_len_a=0.0, max_len_b=limit, min_len=limit)
-                return [h[0][0].numel() for h in hyps]
-            # min_len = limit: EOS never chosen freely, only forced at the limit (HF: min_new_tokens)
-            out = greedy_decode(model, src, mask, BOS_ID, EOS_ID, PAD_ID, max_len_a=0.0, max_len_b=limit,
-                                use_cache=mode == "greedy", min_len=limit)
-            return ((out != PAD_ID).sum(1)).tolist()
+            return ((ours_decode(model, mode, src, mask, limit, beam_size) != PAD_ID).sum(1)).tolist()
 
         return run
 

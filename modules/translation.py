@@ -84,9 +84,10 @@ class TranslationModel(nn.Module):
         x = self.embed(tokens) * self.embed_scale + self.positions[offset : offset + t].to(self.embed.weight.dtype)
         return self.dropout(x)
 
-    def encode(self, src: Tensor, src_padding_mask: Tensor | None = None) -> Tensor:
-        """``src`` [B, S] -> memory [B, S, D]."""
-        return self.transformer.encode(self.embed_tokens(src), None, src_padding_mask, pack=True)
+    def encode(self, src: Tensor, src_padding_mask: Tensor | None = None, pack: bool = True) -> Tensor:
+        """``src`` [B, S] -> memory [B, S, D]; ``pack``: in inference, the encoder's per-token layers
+        run on the real tokens only (``Seq2SeqTransformer.encode``)."""
+        return self.transformer.encode(self.embed_tokens(src), None, src_padding_mask, pack=pack)
 
     def init_cache(self) -> list[LayerCache]:
         return self.transformer.init_cache()
