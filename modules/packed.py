@@ -10,8 +10,11 @@ benchmark's sizes a decoding step's linears run 1.2-1.7x faster. The arithmetic 
 
 Used only inside ``with packed_linears():`` (the decoding functions open it), without autograd, for
 float32 CPU weights, in float32 or under bfloat16 autocast (the weight packed in bfloat16 once
-instead of cast on every call), and only where torch provides the ops (checked once against
-``F.linear``); everything else is ``F.linear``. Packed weights are keyed by the weight's address,
+instead of cast on every call), and only where the ops run in that dtype: each dtype is checked once
+with a real trial call of every form used (each activation, with and without bias) against
+``F.linear`` (oneDNN's bfloat16 packing needs AVX512-BF16/AVX-NE-CONVERT, an AVX2 CPU refuses it).
+An op that is missing, refuses the trial, disagrees with ``F.linear`` or fails later turns packing
+off for that dtype (with one warning when it fails mid-run); everything else is ``F.linear``. Packed weights are keyed by the weight's address,
 shape, strides and dtype and checked against its version counter, so a weight changed in place is
 packed again; they live as long as the context, or as long as its ``owner``.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 
@@ -30,24 +34,37 @@ from torch import Tensor
 _local = threading.local()  # per thread: .active, one dict of packed weights per open context
 _by_owner: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> its packed weights
 _lock = threading.Lock()
-_available: bool | None = None  # whether the oneDNN ops exist and agree with F.linear (decided once)
+_OPS = torch.ops.mkldnn  # the private oneDNN ops used below (tests replace it to take them away)
+_available: dict[torch.dtype, bool] = {}  # per dtype: whether the ops run and agree with F.linear
 
 
-def _ops_work() -> bool:
-    global _available
-    if _available is None:
-        try:  # (autocast off: under it F.linear would answer in bfloat16)
-            mkldnn = torch.ops.mkldnn
-            gen = torch.Generator().manual_seed(0)
-            x, w, b = (torch.randn(*s, generator=gen) for s in ((3, 8), (5, 8), (5,)))
-            with torch.autocast("cpu", enabled=False):
-                y = mkldnn._linear_pointwise(x, mkldnn._reorder_linear_weight(w), b, "none", [], "")
-                _available = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
-                    y, F.linear(x, w, b), rtol=1e-5, atol=1e-5
-                )
-        except (AttributeError, RuntimeError, TypeError):  # ops missing or with another signature
-            _available = False
-    return _available
+def _ops_work(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether packed linears run in ``dtype`` here (decided once per dtype by :func:`_trial`)."""
+    if dtype not in _available:
+        _available[dtype] = _trial(dtype)
+    return _available[dtype]
+
+
+def _trial(dtype: torch.dtype) -> bool:
+    """One packed call of each form :func:`linear` uses, in ``dtype``, against ``F.linear`` in the
+    same dtype: ~1e-5 relative for float32; for bfloat16 2e-2 (8-bit mantissa, rounded once or twice)."""
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=gen).to(dtype) for s in ((3, 8), (5, 8), (5,)))
+    try:  # (autocast off: under it F.linear would answer in bfloat16)
+        if not torch.backends.mkldnn.is_available():
+            return False
+        with torch.autocast("cpu", enabled=False):
+            packed = _OPS._reorder_linear_weight(w)
+            for attr, bias in (("none", b), ("relu", None), ("gelu", b)):
+                y = _OPS._linear_pointwise(x, packed, bias, attr, [], "none" if attr == "gelu" else "")
+                want = F.linear(x, w, bias)
+                want = want if attr == "none" else _ACTIVATIONS[attr](want)
+                if y.dtype != dtype or not torch.allclose(y.float(), want.float(), rtol=tol, atol=tol):
+                    return False
+    except (AttributeError, RuntimeError, TypeError):  # ops missing, refusing this CPU, another signature
+        return False
+    return True
 
 
 def _contexts() -> list[dict]:
@@ -91,8 +108,24 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
         raise ValueError(f"activation must be one of {sorted(k for k in _ACTIVATIONS if k)} or None, got {activation!r}")
     dtype = _packed_dtype(x, weight)
     if dtype is None:
-        out = F.linear(x, weight, bias)
-        return out if activation is None else _ACTIVATIONS[activation](out)
+        return _unpacked(x, weight, bias, activation)
+    try:
+        return _packed_linear(x, weight, bias, activation, dtype)
+    except RuntimeError as err:  # passed the trial, fails here: F.linear from now on, for this dtype
+        out = _unpacked(x, weight, bias, activation)  # (raises the caller's own error, if it is one)
+        _available[dtype] = False
+        warnings.warn(f"modules.packed: oneDNN packed linear failed in {dtype} ({err}); using F.linear instead",
+                      RuntimeWarning, stacklevel=2)
+        return out
+
+
+def _unpacked(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
+    out = F.linear(x, weight, bias)
+    return out if activation is None else _ACTIVATIONS[activation](out)
+
+
+def _packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                   dtype: torch.dtype) -> Tensor:
     cache = _contexts()[-1]
     key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), dtype)
     entry = cache.get(key)
@@ -100,10 +133,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
         # the entry holds the weight's base tensor: its memory cannot be freed and reused by another
         # weight with the same address and shape while the packed copy is kept
         base = weight if weight._base is None else weight._base
-        entry = cache[key] = (weight._version, base, torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous()))
+        entry = cache[key] = (weight._version, base, _OPS._reorder_linear_weight(weight.to(dtype).contiguous()))
     packed = entry[2]
     attr = "none" if activation is None else activation
-    return torch.ops.mkldnn._linear_pointwise(
+    return _OPS._linear_pointwise(
         x.to(dtype).contiguous(), packed, None if bias is None else bias.to(dtype), attr, [],
         "none" if attr == "gelu" else "",
     )
@@ -118,4 +151,4 @@ def _packed_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
         ok = dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
     else:
         dtype, ok = torch.float32, x.dtype == torch.float32
-    return dtype if ok and _ops_work() else None
+    return dtype if ok and _ops_work(dtype) else None

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -539,19 +540,56 @@ def test_packed_weights_do_not_change_the_decoded_tokens(copy, monkeypatch):
     F.linear. Both give the same greedy tokens and beam hypotheses, scores within float32 rounding."""
     from modules import packed
 
-    if not packed._ops_work():
-        pytest.skip("this torch build has no oneDNN linear ops: both runs would be F.linear")
+    monkeypatch.setattr(packed, "_available", {})
+    if not packed._ops_work(torch.float32):
+        pytest.skip("this torch build has no oneDNN (float32 packing works on every x86 CPU with it)")
     model = tiny_model(copy, vocab=40)
     src, mask = source(width=9, seed=4)
     fast = (greedy_decode(model, src, mask, BOS, EOS, PAD),
             beam_search(model, src, mask, BOS, EOS, PAD, beam_size=3, n_best=2))
-    monkeypatch.setattr(packed, "_available", False)
+    monkeypatch.setattr(packed, "_available", {torch.float32: False})
     slow = (greedy_decode(model, src, mask, BOS, EOS, PAD),
             beam_search(model, src, mask, BOS, EOS, PAD, beam_size=3, n_best=2))
     assert torch.equal(fast[0], slow[0])
     for hyps_fast, hyps_slow in zip(fast[1], slow[1]):
         assert [h.tolist() for h, _ in hyps_fast] == [h.tolist() for h, _ in hyps_slow]
         assert [s for _, s in hyps_fast] == pytest.approx([s for _, s in hyps_slow], abs=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("broken", ["missing_reorder", "missing_linear", "raising_reorder", "raising_linear",
+                                    "raising_mid_run"])
+def test_decoding_without_the_private_ops_gives_the_same_tokens(broken, precision, monkeypatch):
+    """Each oneDNN op taken away (missing, or raising as on a CPU without the instructions, in the
+    availability trial or only later, mid-decoding): greedy and beam decoding fall back to F.linear
+    and give the tokens that F.linear decoding gives, in float32 and under bfloat16 autocast."""
+    from modules import packed
+    from tests.modules.test_packed import FakeOps
+
+    model = tiny_model(vocab=40)
+    src, mask = source(width=9, seed=4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def run():
+        with autocast:
+            return (greedy_decode(model, src, mask, BOS, EOS, PAD),
+                    beam_search(model, src, mask, BOS, EOS, PAD, beam_size=3, n_best=2))
+
+    monkeypatch.setattr(packed, "_available", {torch.float32: False, torch.bfloat16: False})
+    want = run()
+    kind, part = broken.split("_", 1)
+    op = {"reorder": "_reorder_linear_weight", "linear": "_linear_pointwise", "mid_run": "_linear_pointwise"}[part]
+    fake = FakeOps(missing=op) if kind == "missing" else FakeOps(failing=op, fail_after=10 if part == "mid_run" else 0)
+    monkeypatch.setattr(packed, "_OPS", fake)
+    monkeypatch.setattr(packed, "_available", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        got = run()
+    assert len([w for w in caught if "packed linear failed" in str(w.message)]) == (part == "mid_run")
+    assert torch.equal(got[0], want[0])
+    for hyps_got, hyps_want in zip(got[1], want[1]):
+        assert [h.tolist() for h, _ in hyps_got] == [h.tolist() for h, _ in hyps_want]
+    assert packed._available == {torch.float32 if precision == "fp32" else torch.bfloat16: False}
 
 
 def test_min_len_keeps_eos_out_of_the_first_tokens():
