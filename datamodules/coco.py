@@ -98,7 +98,12 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
         ) from e
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}). COCO JSON must be UTF-8.") from e
+    return check_coco_dict(data, path)
 
+
+def check_coco_dict(data: Any, path: Path) -> dict[str, Any]:
+    """Validate a parsed COCO detection dict (from a file, or built in memory from another format);
+    ``path`` names its source in the messages. Returns it with ``annotations`` defaulting to []."""
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level must be a JSON object with 'images' and 'categories'.")
     for key in ("images", "categories"):
@@ -554,11 +559,15 @@ class CocoDataModule(SplitDataModule):
                 f"'{self._images_dir_arg}' and the JSON files."
             )
 
+    def _load_split_json(self, path: Path) -> dict[str, Any]:
+        """The validated COCO dict of a split (formats other than COCO JSON build it in memory)."""
+        return load_coco_json(path)
+
     # categories --------------------------------------------------------------------------------
     def _reference_categories(self, train_data: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         if self._categories is None:
             self._check_root()
-            data = train_data if train_data is not None else load_coco_json(self.train_json)
+            data = train_data if train_data is not None else self._load_split_json(self.train_json)
             self._categories = sorted_categories(data)
         return self._categories
 
@@ -595,7 +604,7 @@ class CocoDataModule(SplitDataModule):
     def _build(
         self, json_path: Path, train: bool, train_data: dict[str, Any] | None = None, split: str = "train"
     ) -> CocoDetectionDataset:
-        data = train_data if train_data is not None else load_coco_json(json_path)
+        data = train_data if train_data is not None else self._load_split_json(json_path)
         reference = self._reference_categories(train_data)
         if json_path != self.train_json:
             check_same_categories(reference, self.train_json, sorted_categories(data), json_path)
@@ -619,7 +628,7 @@ class CocoDataModule(SplitDataModule):
         """Validate and build the datasets ``stage`` needs (fit: train+val, validate: val, test/predict: test)."""
         self._check_root()
         if stage in (None, "fit") and self.train_dataset is None:
-            train_data = load_coco_json(self.train_json)
+            train_data = self._load_split_json(self.train_json)
             self.train_dataset = self._build(self.train_json, train=True, train_data=train_data)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self._build(self.val_json, train=False, split="val")
