@@ -208,3 +208,36 @@ def test_train_py_runs_on_a_voc_folder(make_cfg, tmp_path):
                              "data.max_size=64", "trainer.fast_dev_run=true", "logger=csv", tiny=False))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert "val/mAP" in metrics and "test/mAP" in metrics
+
+
+def _rotated_jpeg(path: Path, stored: tuple[int, int]) -> None:
+    """A JPEG whose stored pixels are ``stored`` (w, h) with EXIF orientation 6 (shown rotated 90°)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", stored, (90, 30, 200)).save(path, "JPEG", exif=exif)
+
+
+@pytest.mark.parametrize("stated", [(20, 40), (40, 20), None], ids=["oriented", "stored", "absent"])
+def test_exif_orientation_as_for_coco(tmp_path, stated):
+    root = write_voc(tmp_path / "voc", lists=LISTS)
+    _rotated_jpeg(root / "JPEGImages/b.jpg", (40, 20))
+    text = xml_text("b", *(stated or (1, 1)), [("cat", 0, 2, 2, 18, 18)])
+    if stated is None:
+        text = text.replace("<size><width>1</width><height>1</height><depth>3</depth></size>", "")
+    (root / "Annotations/b.xml").write_text(text)
+    dm = module(root)
+    dm.setup("fit")
+    image = dm.splits()["train"][1]["images"][1]
+    # the XML's size when it names the oriented or the stored pixels, else the oriented image's
+    assert (image["width"], image["height"]) == (stated or (20, 40))
+    with pytest.warns(UserWarning, match="EXIF orientation is ignored") if stated == (40, 20) else contextlib.nullcontext():
+        _, target = dm.train_dataset[1]
+    assert target["boxes"].shape == (1, 4)
+
+
+def test_multilabel_target_from_voc(tmp_path):
+    dm = module(write_voc(tmp_path / "voc", lists=LISTS), target="multilabel")
+    dm.setup("fit")
+    # labels: bird, cat, dog; image a has a dog and a cat, c a dog and a (difficult) bird
+    labels = [dm.train_dataset[i][1].tolist() for i in range(2)] + [dm.val_dataset[i][1].tolist() for i in range(2)]
+    assert labels == [[0.0, 1.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
