@@ -56,10 +56,11 @@ def _trial(dtype: torch.dtype) -> bool:
             return False
         with torch.autocast("cpu", enabled=False):
             packed = _OPS._reorder_linear_weight(w)
-            for attr, bias in (("none", b), ("relu", None), ("gelu", b)):
-                y = _OPS._linear_pointwise(x, packed, bias, attr, [], "none" if attr == "gelu" else "")
+            for activation, bias in ((None, b), ("relu", None), ("gelu", b), ("silu", b)):
+                attr, algorithm = _ONEDNN_ATTR.get(activation, ("none", ""))
+                y = _OPS._linear_pointwise(x, packed, bias, attr, [], algorithm)
                 want = F.linear(x, w, bias)
-                want = want if attr == "none" else _ACTIVATIONS[attr](want)
+                want = want if activation is None else _ACTIVATIONS[activation](want)
                 if y.dtype != dtype or not torch.allclose(y.float(), want.float(), rtol=tol, atol=tol):
                     return False
     except (AttributeError, RuntimeError, TypeError):  # ops missing, refusing this CPU, another signature
@@ -95,11 +96,13 @@ def packed_linears(enabled: bool = True, owner: object | None = None) -> Iterato
         active.pop()
 
 
-_ACTIVATIONS = {None: None, "relu": F.relu, "gelu": F.gelu}
+_ACTIVATIONS = {None: None, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+_ONEDNN_ATTR = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "silu": ("swish", "")}  # (attr, algorithm)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` followed by ``activation`` (None, "relu" or "gelu", erf form);
+    """``F.linear(x, weight, bias)`` followed by ``activation`` (None, "relu", "gelu" (erf form) or
+    "silu" (swish, Marian's));
     inside :func:`packed_linears`, with a packed weight and the activation fused when it applies.
 
     Under CPU bfloat16 autocast the packed weight is the bfloat16 cast that autocast would make on
@@ -135,10 +138,9 @@ def _packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
         base = weight if weight._base is None else weight._base
         entry = cache[key] = (weight._version, base, _OPS._reorder_linear_weight(weight.to(dtype).contiguous()))
     packed = entry[2]
-    attr = "none" if activation is None else activation
+    attr, algorithm = _ONEDNN_ATTR.get(activation, ("none", ""))
     return _OPS._linear_pointwise(
-        x.to(dtype).contiguous(), packed, None if bias is None else bias.to(dtype), attr, [],
-        "none" if attr == "gelu" else "",
+        x.to(dtype).contiguous(), packed, None if bias is None else bias.to(dtype), attr, [], algorithm,
     )
 
 

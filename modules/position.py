@@ -7,17 +7,27 @@ import math
 import torch
 from torch import Tensor
 
+POSITION_LAYOUTS = ("interleaved", "halves")
 
-def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32, offset: int = 0) -> Tensor:
+
+def sinusoidal_positions(
+    length: int, dim: int, device=None, dtype=torch.float32, offset: int = 0, layout: str = "interleaved"
+) -> Tensor:
     """Transformer sinusoidal positions for positions ``offset .. offset+length-1``.
 
-    Returns ``[length, dim]``; even channels hold sines, odd channels cosines.
+    Returns ``[length, dim]``. The frequencies are the Transformer paper's; ``layout`` places them:
+    ``"interleaved"`` (the paper's): even channels hold sines, odd channels cosines; ``"halves"``
+    (fairseq, Marian / opus-mt): the sines in the first ``ceil(dim / 2)`` channels, the cosines after.
     """
+    if layout not in POSITION_LAYOUTS:
+        raise ValueError(f"position layout must be one of {POSITION_LAYOUTS}, got {layout!r}")
     position = torch.arange(offset, offset + length, device=device, dtype=torch.float32).unsqueeze(1)
     div = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    sin, cos = torch.sin(position * div), torch.cos(position * div[: dim // 2])
+    if layout == "halves":
+        return torch.cat([sin, cos], dim=1).to(dtype)
     pe = torch.zeros(length, dim, device=device, dtype=torch.float32)
-    pe[:, 0::2] = torch.sin(position * div)
-    pe[:, 1::2] = torch.cos(position * div[: dim // 2])
+    pe[:, 0::2], pe[:, 1::2] = sin, cos
     return pe.to(dtype)
 
 

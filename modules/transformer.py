@@ -224,9 +224,9 @@ class MultiheadAttention(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: str) -> None:
-        act = {"relu": nn.ReLU(), "gelu": nn.GELU()}.get(activation)
+        act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}.get(activation)
         if act is None:
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+            raise ValueError(f"activation must be 'relu', 'gelu' or 'silu' (swish, Marian's), got {activation!r}")
         super().__init__(
             nn.Linear(d_model, dim_feedforward), act, Dropout(dropout), nn.Linear(dim_feedforward, d_model)
         )
@@ -317,8 +317,11 @@ class Seq2SeqTransformer(nn.Module):
         pos_at_every_layer: True (DETR style) adds the given positions to queries and keys in every
             attention layer; False (NMT style) adds them once to the inputs of ``encode``/``decode``.
         norm_first: pre-norm layers (plus a final encoder norm) instead of post-norm.
-    The decoder's final LayerNorm is applied to every layer's output, which is what DETR's auxiliary
-    losses read.
+        activation: of the feed-forward layers: "relu", "gelu" or "silu" (swish: Marian / opus-mt).
+        final_norm: the decoder's final LayerNorm, applied to every layer's output (what DETR's
+            auxiliary losses read). False: none after the decoder (nor the encoder) -- post-norm
+            models whose every layer ends in a LayerNorm already (Marian / opus-mt, fairseq's
+            post-norm Transformer).
     """
 
     def __init__(
@@ -332,6 +335,8 @@ class Seq2SeqTransformer(nn.Module):
         norm_first: bool = False,
         activation: str = "relu",
         pos_at_every_layer: bool = True,
+        *,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         self.d_model, self.nhead = d_model, nhead
@@ -339,8 +344,8 @@ class Seq2SeqTransformer(nn.Module):
         args = (d_model, nhead, dim_feedforward, dropout, norm_first, activation)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(num_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(num_decoder_layers))
-        self.encoder_norm = nn.LayerNorm(d_model) if norm_first and num_encoder_layers else nn.Identity()
-        self.decoder_norm = nn.LayerNorm(d_model)
+        self.encoder_norm = nn.LayerNorm(d_model) if final_norm and norm_first and num_encoder_layers else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:

@@ -22,17 +22,41 @@ from .transformer import LayerCache, Seq2SeqTransformer
 OUTPUTS = ("log_probs", "logits", "hidden")  # what TranslationModel.decode can return
 
 
+ARCHITECTURE = (  # the TranslationModel settings a pretrained source states (modules.marian)
+    "vocab_size", "pad_id", "d_model", "nhead", "num_encoder_layers", "num_decoder_layers", "dim_feedforward",
+    "norm_first", "activation", "tie_embeddings", "tgt_vocab_size", "scale_embedding", "position_layout",
+    "final_norm", "logits_bias",
+)
+
+
 class TranslationModel(nn.Module):
-    """Encoder-decoder over one joint vocabulary.
+    """Encoder-decoder over one joint vocabulary (or, with ``tgt_vocab_size``, one per side).
 
     Args:
         vocab_size, pad_id: the tokenizer's vocabulary size and padding id.
-        tie_embeddings: the output projection reuses the (shared source/target) embedding matrix.
+        tie_embeddings: the output projection reuses the (target) embedding matrix.
         copy: pointer-generator: a learned gate ``p_gen`` mixes the vocabulary distribution with the
             last decoder layer's cross-attention over the source tokens, so source words (names,
             numbers) can be copied even when the decoder's softmax gives them little mass.
         max_length: the largest target length the NAT length head can predict (and the position table size).
         transformer: an existing Seq2SeqTransformer to share (multitask); built from the sizes otherwise.
+        tgt_vocab_size: a separate target vocabulary (its own embedding, tied to the output); None:
+            source and target share ``vocab_size`` ids and one embedding.
+        scale_embedding: token embeddings x sqrt(d_model) (the Transformer paper's; opus-mt's too).
+        position_layout: of the sinusoidal positions, ``"interleaved"`` or ``"halves"`` (Marian's,
+            :func:`modules.position.sinusoidal_positions`).
+        final_norm: a LayerNorm after the decoder (and, pre-norm, the encoder); Marian has none.
+        logits_bias: a fixed (not trained) bias added to the output logits, Marian's
+            ``final_logits_bias``; zeros unless loaded.
+        init_from: a pretrained translation model to start from: a HuggingFace ``MarianMTModel``
+            folder (opus-mt) or ``hf:REPO[@revision]`` (:mod:`modules.marian`). Its ``config.json``
+            states the architecture: those settings replace the ones given here (each replaced value
+            is printed), then its weights are loaded. ``vocab_size``/``pad_id`` must be the source
+            tokenizer's (``data.tokenizer``), or it is an error.
+        init_strict: with ``init_from``, a tensor of the source that has no place here, or a shape
+            that differs, is an error (False: reported and skipped).
+    ``settings``: the architecture as built (with ``init_from``: the source's), enough to rebuild
+    the model without the source.
     """
 
     def __init__(
@@ -51,37 +75,82 @@ class TranslationModel(nn.Module):
         copy: bool = False,
         max_length: int = 256,
         transformer: Seq2SeqTransformer | None = None,
+        *,
+        tgt_vocab_size: int | None = None,
+        scale_embedding: bool = True,
+        position_layout: str = "interleaved",
+        final_norm: bool = True,
+        logits_bias: bool = False,
+        init_from: str | None = None,
+        init_strict: bool = True,
     ) -> None:
         super().__init__()
+        given = {k: v for k, v in locals().items() if k in ARCHITECTURE}
+        source = None
+        if init_from is not None:
+            from .marian import MarianSource  # only when asked: reads files, may need huggingface_hub
+
+            source = MarianSource.open(init_from)
+            given = source.architecture(given)
+        self.settings = dict(given)
+        self._build(dropout=dropout, copy=copy, max_length=max_length, transformer=transformer, **given)
+        if source is not None:
+            source.load_into(self, strict=init_strict)
+
+    def _build(
+        self, vocab_size: int, pad_id: int, d_model: int, nhead: int, num_encoder_layers: int,
+        num_decoder_layers: int, dim_feedforward: int, dropout: float, norm_first: bool, activation: str,
+        tie_embeddings: bool, copy: bool, max_length: int, transformer: Seq2SeqTransformer | None,
+        tgt_vocab_size: int | None, scale_embedding: bool, position_layout: str, final_norm: bool,
+        logits_bias: bool,
+    ) -> None:
         self.transformer = transformer or Seq2SeqTransformer(
             d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, norm_first,
-            activation, pos_at_every_layer=False,
+            activation, pos_at_every_layer=False, final_norm=final_norm,
         )
         d = self.transformer.d_model
-        self.vocab_size, self.pad_id, self.d_model, self.max_length = vocab_size, pad_id, d, max_length
-        self.embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)
-        nn.init.normal_(self.embed.weight, std=d**-0.5)
-        with torch.no_grad():
-            self.embed.weight[pad_id].zero_()
-        self.embed_scale = math.sqrt(d)
+        if copy and tgt_vocab_size is not None:
+            raise ValueError("the copy mechanism needs one vocabulary for source and target (tgt_vocab_size=None)")
+        self.pad_id, self.d_model, self.max_length = pad_id, d, max_length
+        self.vocab_size = vocab_size if tgt_vocab_size is None else tgt_vocab_size  # of the output
+        self.embed = self._embedding(vocab_size, d, pad_id)
+        self.tgt_embed = None if tgt_vocab_size is None else self._embedding(tgt_vocab_size, d, pad_id)
+        self.embed_scale = math.sqrt(d) if scale_embedding else 1.0
         self.dropout = Dropout(dropout)
-        self.output = nn.Linear(d, vocab_size, bias=False)
+        self.output = nn.Linear(d, self.vocab_size, bias=False)
         if tie_embeddings:
-            self.output.weight = self.embed.weight
+            self.output.weight = self.target_embed.weight
+        self.register_buffer("output_bias", torch.zeros(self.vocab_size) if logits_bias else None)
         self.copy_gate = nn.Linear(2 * d, 1) if copy else None
         self.length_head = nn.Linear(d, max_length + 1)  # NAT: target length from the encoder output
-        self.register_buffer("positions", sinusoidal_positions(max(max_length, 1024) + 2, d), persistent=False)
+        positions = sinusoidal_positions(max(max_length, 1024) + 2, d, layout=position_layout)
+        self.register_buffer("positions", positions, persistent=False)
+
+    @staticmethod
+    def _embedding(vocab_size: int, d: int, pad_id: int) -> nn.Embedding:
+        embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        nn.init.normal_(embed.weight, std=d**-0.5)
+        with torch.no_grad():
+            embed.weight[pad_id].zero_()
+        return embed
+
+    @property
+    def target_embed(self) -> nn.Embedding:
+        """The decoder's embedding: the shared one, or the target vocabulary's."""
+        return self.embed if self.tgt_embed is None else self.tgt_embed
 
     # pieces ---------------------------------------------------------------------------------------
-    def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
-        """``[B, T]`` ids -> ``[B, T, D]``: embedding x sqrt(d) + sinusoidal positions ``offset..``."""
+    def embed_tokens(self, tokens: Tensor, offset: int = 0, target: bool = False) -> Tensor:
+        """``[B, T]`` ids -> ``[B, T, D]``: embedding x ``embed_scale`` + sinusoidal positions
+        ``offset..``; ``target``: the decoder's embedding."""
         t = tokens.shape[1]
         if offset + t > self.positions.shape[0]:
             raise ValueError(
                 f"sequence of {offset + t} tokens is longer than the model's position table "
                 f"({self.positions.shape[0]}); raise model.max_length or cut the input"
             )
-        x = self.embed(tokens) * self.embed_scale + self.positions[offset : offset + t].to(self.embed.weight.dtype)
+        embed = self.target_embed if target else self.embed
+        x = embed(tokens) * self.embed_scale + self.positions[offset : offset + t].to(embed.weight.dtype)
         return self.dropout(x)
 
     def encode(self, src: Tensor, src_padding_mask: Tensor | None = None, pack: bool = True) -> Tensor:
@@ -120,7 +189,7 @@ class TranslationModel(nn.Module):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         want_attn = need_attn or self.copy_gate is not None
         out = self.transformer.decode(
-            self.embed_tokens(tgt, offset), memory, memory_padding_mask=memory_padding_mask,
+            self.embed_tokens(tgt, offset, target=True), memory, memory_padding_mask=memory_padding_mask,
             tgt_padding_mask=tgt_padding_mask, cache=cache, is_causal=causal,
             return_intermediate=False, return_cross_attn=want_attn,
         )
@@ -132,15 +201,19 @@ class TranslationModel(nn.Module):
         h = h[select] if select is not None else h
         if output == "hidden":
             return h, attn
-        logits = linear(h, self.output.weight).float()
+        logits = self.logits(h)
         return (logits if output == "logits" else logits.log_softmax(-1)), attn
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Decoder states ``[..., D]`` -> float32 vocabulary logits ``[..., V]`` (plus the logits bias)."""
+        return linear(h, self.output.weight, self.output_bias).float()
 
     def output_kind(self, output: str) -> str:
         """What :meth:`decode` returns when ``output`` is asked: log-probabilities with the copy mechanism."""
         return output if self.copy_gate is None else "log_probs"
 
     def log_probs(self, h: Tensor, attn: Tensor | None, memory: Tensor, src: Tensor) -> Tensor:
-        logits = linear(h, self.output.weight).float()
+        logits = self.logits(h)
         if self.copy_gate is None:
             return logits.log_softmax(-1)
         if memory.shape[0] != h.shape[0]:  # one encoder output per sentence, shared by its beams
@@ -195,7 +268,8 @@ class TranslationModel(nn.Module):
         if "hidden" in out:
             h = out["hidden"]
             return linear_label_smoothed_cross_entropy(
-                h.reshape(-1, h.shape[-1]), self.output.weight, target.reshape(-1), epsilon, ignore_index
+                h.reshape(-1, h.shape[-1]), self.output.weight, target.reshape(-1), epsilon, ignore_index,
+                bias=self.output_bias,
             )
         return label_smoothed_nll(out["log_probs"], target, epsilon, ignore_index)
 
@@ -236,7 +310,8 @@ class _LinearSmoothedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, epsilon: float, ignore_index: int, chunk: int):
+    def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, epsilon: float, ignore_index: int, chunk: int,
+                bias: Tensor | None):
         dtype = _compute_dtype(h)
         acc = torch.promote_types(dtype, torch.float32)
         keep = target != ignore_index
@@ -253,6 +328,8 @@ class _LinearSmoothedCrossEntropy(torch.autograd.Function):
                 rows = slice(i, i + chunk)
                 t, w = tgt[rows, None], row_w[rows]
                 x = (hc[rows] @ wc.t()).to(acc)
+                if bias is not None:
+                    x += bias.to(acc)
                 target_logit, mean_logit = x.gather(-1, t).squeeze(-1), x.mean(-1)
                 top = x.amax(-1, keepdim=True)
                 total = x.sub_(top).exp_().sum(-1)  # x is exp(logits - max) from here on
@@ -276,7 +353,7 @@ class _LinearSmoothedCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, hc, wc, tgt, row_w = ctx.saved_tensors
         # d/d logits of (gl * loss + gn * nll) = (gl + gn) * d loss - gn * eps * (onehot - 1/V) * row_w
         if grad_loss is None and grad_nll is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         scale = sum(g for g in (grad_loss, grad_nll) if g is not None)
         gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         gw = grad_w * scale.to(grad_w.dtype) if grad_w is not None else None
@@ -289,15 +366,17 @@ class _LinearSmoothedCrossEntropy(torch.autograd.Function):
                 ch = c[:, None] * h32
                 onehot_part = torch.zeros_like(w32).index_add_(0, tgt, ch)
                 gw = gw - (onehot_part - ch.sum(0) / w32.shape[0]).to(gw.dtype)
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_label_smoothed_cross_entropy(
-    h: Tensor, weight: Tensor, target: Tensor, epsilon: float, ignore_index: int, chunk: int | None = None
+    h: Tensor, weight: Tensor, target: Tensor, epsilon: float, ignore_index: int, chunk: int | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`label_smoothed_nll` of ``log_softmax(h @ weight.T)``, without materialising the logits.
 
-    ``h`` [N, D], ``weight`` [V, D] (the output projection, no bias), ``target`` [N]. The matmuls run in
+    ``h`` [N, D], ``weight`` [V, D] (the output projection), ``target`` [N]; ``bias`` [V], a constant
+    added to the logits (Marian's ``final_logits_bias``; no gradient flows to it). The matmuls run in
     the compute dtype (autocast's when on), the softmax arithmetic in float32. ``chunk`` rows are
     processed at a time (default: about 8 MB of float32 logits). Values and gradients equal the
     unfused computation's (tests); the speed-up is in ``benchmarks/README.md``.
@@ -306,7 +385,10 @@ def linear_label_smoothed_cross_entropy(
         raise ValueError(f"h must be [N, D], weight [V, D] and target [N], got {tuple(h.shape)}, "
                          f"{tuple(weight.shape)} and {tuple(target.shape)}")
     chunk = chunk or max(1, (1 << 21) // weight.shape[0])
-    return _LinearSmoothedCrossEntropy.apply(h, weight, target, epsilon, ignore_index, chunk)
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.requires_grad):
+        raise ValueError(f"bias must be a constant [V] = [{weight.shape[0]}] tensor, got {tuple(bias.shape)}"
+                         f"{' requiring a gradient' if bias.requires_grad else ''}")
+    return _LinearSmoothedCrossEntropy.apply(h, weight, target, epsilon, ignore_index, chunk, bias)
 
 
 def guided_attention_loss(

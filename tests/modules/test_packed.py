@@ -44,7 +44,8 @@ class FakeOps:
         self._count("_linear_pointwise")
         assert x.dtype == w.dtype and (b is None or b.dtype == w.dtype), "the op takes one dtype"
         out = F.linear(x, w, b)
-        return {"none": lambda: out, "relu": lambda: F.relu(out), "gelu": lambda: F.gelu(out, approximate=algorithm)}[attr]()
+        return {"none": lambda: out, "relu": lambda: F.relu(out), "gelu": lambda: F.gelu(out, approximate=algorithm),
+                "swish": lambda: F.silu(out)}[attr]()
 
 
 @pytest.fixture
@@ -74,10 +75,10 @@ def ops(request, fresh):
     return request.param
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu"])
 def test_packed_linear_equals_f_linear(activation, ops):
     x, w, b = _inputs()
-    act = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[activation]
+    act = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[activation]
     with torch.no_grad(), packed_linears():
         for weight, bias in ((w, b), (w[8:24], b[8:24]), (w, None)):  # views with an offset, no bias
             got = linear(x, weight, bias, activation)
@@ -124,7 +125,7 @@ def test_under_bf16_autocast_it_is_autocasts_linear(ops, fresh):
             assert got.dtype == want.dtype == torch.bfloat16
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     if ops == "packs_bf16":  # the packed branch ran, with the weight packed once in bfloat16
-        assert fake.packed_dtypes == [torch.bfloat16] * 2 and fake.calls["_linear_pointwise"] == 3 + 3
+        assert fake.packed_dtypes == [torch.bfloat16] * 2 and fake.calls["_linear_pointwise"] == 4 + 3
     expected = {"native": packed._trial(torch.bfloat16), "packs_bf16": True, "refuses_bf16": False}[ops]
     assert packed._available == {torch.bfloat16: expected}
 
@@ -143,7 +144,7 @@ def test_ops_that_are_missing_or_raise_turn_packing_off_for_that_dtype(broken, d
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_op_that_fails_after_the_trial_falls_back_with_one_warning(dtype, fresh):
-    fake = fresh(FakeOps(failing="_linear_pointwise", fail_after=4))  # the trial's 3 calls and one more work
+    fake = fresh(FakeOps(failing="_linear_pointwise", fail_after=5))  # the trial's 4 calls and one more work
     x, w, b = _inputs(5)
     with torch.no_grad(), packed_linears(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
         want = F.linear(x, w, b)
@@ -151,7 +152,7 @@ def test_an_op_that_fails_after_the_trial_falls_back_with_one_warning(dtype, fre
         with pytest.warns(RuntimeWarning, match="packed linear failed"):
             torch.testing.assert_close(linear(x, w, b), want, rtol=0, atol=0)
         torch.testing.assert_close(linear(x, w, b), want, rtol=0, atol=0)  # no more tries, no warning
-    assert packed._available == {dtype: False} and fake.calls["_linear_pointwise"] == 5
+    assert packed._available == {dtype: False} and fake.calls["_linear_pointwise"] == 6
 
 
 def test_the_callers_own_mistake_raises_and_keeps_packing_on(fresh):
