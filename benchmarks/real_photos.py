@@ -47,12 +47,12 @@ def format_overrides(fmt: str, root: Path) -> list[str]:
     raise ValueError(f"unknown format {fmt!r}; use coco or voc")
 
 
-def run_one(fmt: str, root: Path, minutes: float, extra: list[str]) -> dict:
+def run_one(fmt: str, root: Path, minutes: float, every: float, extra: list[str]) -> dict:
     """Train in this process; return the run's record (see ``convergence.run_recipe``) plus memory."""
     from benchmarks.convergence import run_recipe  # imported here: the parent process stays light
 
-    marks = [60.0 * m for m in range(1, int(minutes) + 1)]
-    if minutes % 1:
+    marks = [60.0 * every * k for k in range(1, int(minutes / every + 1e-9) + 1)]
+    if not marks or marks[-1] < 60.0 * minutes - 1e-6:
         marks.append(60.0 * minutes)
     overrides = format_overrides(fmt, root) + extra
     result = run_recipe(fmt, overrides, marks, [])
@@ -60,8 +60,9 @@ def run_one(fmt: str, root: Path, minutes: float, extra: list[str]) -> dict:
     return {**result, "peak_rss_mib": round(max_rss_mib(), 1), "peak_worker_rss_mib": round(children, 1)}
 
 
-def run_in_subprocess(fmt: str, root: Path, minutes: float, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--child", fmt, "--root", str(root), "--minutes", str(minutes), "--", *extra]
+def run_in_subprocess(fmt: str, root: Path, minutes: float, every: float, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", fmt, "--root", str(root), "--minutes", str(minutes),
+           "--every", str(every), "--", *extra]
     print(f"format {fmt}: {' '.join(format_overrides(fmt, root) + extra)}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -69,29 +70,46 @@ def run_in_subprocess(fmt: str, root: Path, minutes: float, extra: list[str]) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])  # the child prints its JSON last
 
 
+def step_seconds(records: list[dict], i: int) -> float | None:
+    """Mean training seconds per step between mark i-1 (or the start) and mark i."""
+    prev = records[i - 1] if i else {"step": 0, "train_seconds": 0.0}
+    steps = records[i]["step"] - prev["step"]
+    return (records[i]["train_seconds"] - prev["train_seconds"]) / steps if steps else None
+
+
 def minute_table(results: list[dict]) -> str:
-    """One row per minute: step reached, train loss and val mAP50 / mAP per format."""
-    head = ["minute"] + [f"{r['recipe']}: step / loss / mAP50 / mAP" for r in results]
+    """One row per mark: steps reached, seconds per step since the last mark, train loss, val mAP50 / mAP."""
+    head = ["minute"] + [f"{r['recipe']}: step / s per step / loss / mAP50 / mAP" for r in results]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = max(len(r["records"]) for r in results)
     for i in range(rows):
         cells = [f"{results[0]['records'][i]['at']:g}" if i < len(results[0]["records"]) else "-"]
         for r in results:
             rec = r["records"][i] if i < len(r["records"]) else None
-            cells.append("-" if rec is None else
-                         f"{rec['step']} / {rec['train_loss']} / {rec['mAP_50']:.3f} / {rec['mAP']:.3f}")
+            sec = step_seconds(r["records"], i) if rec is not None else None
+            cells.append("-" if rec is None else f"{rec['step']} / {'-' if sec is None else f'{sec:.1f}'} / "
+                         f"{rec['train_loss']} / {rec['mAP_50']:.3f} / {rec['mAP']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def steady_step_seconds(records: list[dict]) -> float | None:
+    """Seconds per step from the first mark to the last (leaves out the first steps' warm-up)."""
+    if len(records) < 2 or records[-1]["step"] == records[0]["step"]:
+        return None
+    return (records[-1]["train_seconds"] - records[0]["train_seconds"]) / (records[-1]["step"] - records[0]["step"])
+
+
 def summary_table(results: list[dict]) -> str:
-    head = ["format", "precision", "steps", "step ms (mean)", "images/s", "peak RSS MiB (main / worker)",
-            "final val mAP50", "best val mAP50"]
+    head = ["format", "precision", "steps", "s per step (all / after the first mark)", "images/s",
+            "peak RSS MiB (main / worker)", "final val mAP50", "best val mAP50"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         final = r["records"][-1]["mAP_50"] if r["records"] else float("nan")
         best = max((rec["mAP_50"] for rec in r["records"]), default=float("nan"))
-        lines.append(f"| {r['recipe']} | {r['precision']} | {r['steps']} | {r['step_ms']:.0f} | {r['images_per_s']} | "
+        steady = steady_step_seconds(r["records"])
+        lines.append(f"| {r['recipe']} | {r['precision']} | {r['steps']} | {r['step_ms'] / 1000:.1f} / "
+                     f"{'-' if steady is None else f'{steady:.1f}'} | {r['images_per_s']} | "
                      f"{r['peak_rss_mib']:.0f} / {r['peak_worker_rss_mib']:.0f} | {final:.3f} | {best:.3f} |")
     return "\n".join(lines)
 
@@ -101,6 +119,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="the raccoon folder (default: %(default)s)")
     parser.add_argument("--formats", nargs="+", default=["coco"], choices=["coco", "voc"])
     parser.add_argument("--minutes", type=float, default=15.0, help="training-time budget per format")
+    parser.add_argument("--every", type=float, default=1.0, help="minutes of training between evaluations")
     parser.add_argument("--out", type=Path, help="also write the JSON document here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
@@ -109,17 +128,17 @@ def main() -> None:
     if not (root / "train.json").is_file():
         parser.error(f"{root} is not the raccoon folder (no train.json); pass --root")
     if args.child:
-        print(json.dumps(run_one(args.child, root, args.minutes, args.overrides)))
+        print(json.dumps(run_one(args.child, root, args.minutes, args.every, args.overrides)))
         return
     start = time.perf_counter()
     results = []
     for fmt in args.formats:
-        results.append(run_in_subprocess(fmt, root, args.minutes, args.overrides))
+        results.append(run_in_subprocess(fmt, root, args.minutes, args.every, args.overrides))
         print(minute_table(results[-1:]) + "\n", file=sys.stderr, flush=True)
     print(minute_table(results) + "\n\n" + summary_table(results), file=sys.stderr)
     emit_json({"benchmark": "real_photos", "machine": cpu_model(), "cores": os.cpu_count(),
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "root": str(root),
-               "minutes": args.minutes, "wall_seconds": round(time.perf_counter() - start, 1),
+               "minutes": args.minutes, "every": args.every, "wall_seconds": round(time.perf_counter() - start, 1),
                "results": results}, args.out)
 
 
