@@ -201,6 +201,7 @@ def test_size_absent_is_read_from_the_image(tmp_path):
     assert (images[1]["width"], images[1]["height"]) == (40, 56)
 
 
+@pytest.mark.slow
 def test_train_py_runs_on_a_voc_folder(make_cfg, tmp_path):
     root = write_voc(tmp_path / "voc", lists=LISTS)
     metrics = train(make_cfg(*TINY_MODEL, "data=voc", f"data.root={root}", "data.batch_size=2",

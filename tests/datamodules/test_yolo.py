@@ -131,6 +131,7 @@ def test_coco_only_keys_are_refused(tmp_path):
         module(tmp_path, train_json="x.json")
 
 
+@pytest.mark.slow
 def test_train_py_runs_on_a_yolo_folder(make_cfg, tmp_path):
     root = write_yolo(tmp_path / "ds")
     metrics = train(make_cfg(*TINY_MODEL, "data=yolo", f"data.root={root}", "data.batch_size=2",
