@@ -43,6 +43,8 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from datamodules.coco import DataError, MissingDataError
+from modules.marian import resolve_source
+from modules.marian_vocab import MarianVocab
 
 from .base import SplitDataModule
 from .sampling import ResumableDataLoader
@@ -425,9 +427,20 @@ class ParallelTextDataset(Dataset):
         }
 
 
+def _sentence_encoders(tokenizer: Tokenizer | MarianVocab):
+    """(source encoder, target encoder): lists of normalised strings -> lists of ids without specials."""
+    if isinstance(tokenizer, MarianVocab):
+        return (lambda texts: [tokenizer.encode_source(t) for t in texts],
+                lambda texts: [tokenizer.encode_target(t) for t in texts])
+    # The tokenizer's normalizer is a no-op on normalize_text output; a copy without it encodes faster.
+    fast = Tokenizer.from_str(tokenizer.to_str())
+    fast.normalizer = None
+    return partial(encode_many, fast), partial(encode_many, fast)
+
+
 def encode_parallel(
     corpus: ParallelText,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | MarianVocab,
     max_len: int = 128,
     long_sentences: str = "skip",
     max_examples: int | None = None,
@@ -444,9 +457,7 @@ def encode_parallel(
         raise ValueError(f"long_sentences must be one of {LONG_SENTENCE_POLICIES}, got {long_sentences!r}")
     if max_len < 3:
         raise ValueError(f"max_len must be >= 3 (BOS, one token, EOS), got {max_len}")
-    # The tokenizer's normalizer is a no-op on normalize_text output; a copy without it encodes faster.
-    fast = Tokenizer.from_str(tokenizer.to_str())
-    fast.normalizer = None
+    encode_src, encode_tgt = _sentence_encoders(tokenizer)
     limit = len(corpus) if max_examples is None else min(int(max_examples), len(corpus))
     src_ids: list[list[int]] = []
     tgt_ids: list[list[int]] = []
@@ -458,8 +469,8 @@ def encode_parallel(
         stop = min(pos + chunk, len(corpus))
         for j, s, t in zip(
             range(pos, stop),
-            encode_many(fast, corpus.src[pos:stop]),
-            encode_many(fast, corpus.tgt[pos:stop]),
+            encode_src(corpus.src[pos:stop]),
+            encode_tgt(corpus.tgt[pos:stop]),
         ):
             if len(keep) >= limit:
                 break
@@ -506,7 +517,15 @@ def encode_parallel(
         [corpus.src[j] for j in keep],
         [corpus.tgt[j] for j in keep],
         [corpus.line_numbers[j] for j in keep],
+        **_special_ids(tokenizer),
     )
+
+
+def _special_ids(tokenizer: Tokenizer | MarianVocab) -> dict[str, int]:
+    """BOS (the decoder's first input) and EOS of a tokenizer: ours fixed, a Marian model's its own."""
+    if isinstance(tokenizer, MarianVocab):
+        return {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    return {"bos_id": BOS_ID, "eos_id": EOS_ID}
 
 
 def collate_translation(batch: Sequence[Mapping[str, Any]], pad_id: int = PAD_ID) -> dict[str, Any]:
@@ -681,6 +700,11 @@ class ParallelTextDataModule(SplitDataModule):
     ordered by length. On train, pairs longer than ``max_len`` tokens follow ``long_sentences``; on
     val/test they are always truncated (with a warning) so that BLEU covers every sentence.
     ``test_prefix=None`` tests on the validation split. ``max_*_examples`` keep the first N pairs.
+
+    ``tokenizer``: a pretrained model's own vocabulary instead of our BPE: a Marian (opus-mt) folder
+    or ``hf:REPO[@revision]`` (its SentencePiece models and ``vocab.json``,
+    :class:`modules.marian_vocab.MarianVocab`; ``vocab_size`` / ``min_frequency`` then unused). The
+    translation task sets it to ``model.init_from``. ``data_info`` carries the whole tokenizer.
     """
 
     def __init__(
@@ -701,6 +725,8 @@ class ParallelTextDataModule(SplitDataModule):
         long_sentences: str = "skip",
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
+        *,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         if empty_lines not in EMPTY_LINE_POLICIES:
@@ -742,18 +768,26 @@ class ParallelTextDataModule(SplitDataModule):
         self.train_dataset: ParallelTextDataset | None = None
         self.val_dataset: ParallelTextDataset | None = None
         self.test_dataset: ParallelTextDataset | None = None
-        self._tokenizer: Tokenizer | None = None
+        self.tokenizer_source = None if tokenizer is None else str(tokenizer)
+        self._tokenizer: Tokenizer | MarianVocab | None = None
 
     # tokenizer ---------------------------------------------------------------------------------
     @property
-    def tokenizer(self) -> Tokenizer:
-        """The joint BPE (trained or loaded from the cache on first use)."""
+    def tokenizer(self) -> Tokenizer | MarianVocab:
+        """The joint BPE (trained or loaded from the cache on first use), or the pretrained model's."""
+        if self._tokenizer is None and self.tokenizer_source is not None:
+            self._tokenizer = MarianVocab.from_folder(resolve_source(self.tokenizer_source))
+            _info(f"tokenizer: {self.tokenizer_source} (SentencePiece, vocab {self._tokenizer.vocab_size})")
         if self._tokenizer is None:
             files = [resolve_text_file(self.train_prefix, lang) for lang in (self.src_lang, self.tgt_lang)]
             self._tokenizer = train_or_load_tokenizer(
                 files, self.vocab_size, self.min_frequency, self.cache_dir
             )
         return self._tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id if isinstance(self.tokenizer, MarianVocab) else PAD_ID
 
     def prepare_data(self) -> None:
         """Train or load the tokenizer (Lightning calls this on one process per node)."""
@@ -767,6 +801,12 @@ class ParallelTextDataModule(SplitDataModule):
         translates without the training files.
         """
         tokenizer = self.tokenizer
+        if isinstance(tokenizer, MarianVocab):
+            info = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id,
+                    "eos_id": tokenizer.eos_id, "unk_id": tokenizer.unk_id, "tokenizer": tokenizer.to_info()}
+            if tokenizer.tgt_vocab_size is not None:
+                info["tgt_vocab_size"] = tokenizer.tgt_vocab_size
+            return {**info, "src_lang": self.src_lang, "tgt_lang": self.tgt_lang}
         return {
             "vocab_size": tokenizer.get_vocab_size(),
             "pad_id": PAD_ID,
@@ -819,7 +859,7 @@ class ParallelTextDataModule(SplitDataModule):
             dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=partial(collate_translation, pad_id=PAD_ID),
+            collate_fn=partial(collate_translation, pad_id=self.pad_id),
             persistent_workers=self.num_workers > 0,
             generator=generator,
             progress=self.train_progress if shuffle else None,
@@ -850,6 +890,8 @@ class Multi30kDataModule(ParallelTextDataModule):
         long_sentences: str = "skip",
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
+        *,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__(
             train_prefix=train_prefix,
@@ -868,4 +910,5 @@ class Multi30kDataModule(ParallelTextDataModule):
             long_sentences=long_sentences,
             max_train_examples=max_train_examples,
             max_eval_examples=max_eval_examples,
+            tokenizer=tokenizer,
         )

@@ -10,6 +10,7 @@ from torchmetrics.text import SacreBLEUScore
 
 from modules.decoding import check_settings
 from modules.decoding import decode as run_decoding
+from modules.marian_vocab import MarianVocab
 from modules.translation import TranslationModel, guided_attention_loss, label_smoothed_nll, shift_right
 
 from .base import BaseTask
@@ -21,6 +22,14 @@ def tokenizer_from_json(text: str):
     return Tokenizer.from_str(text)
 
 
+def tokenizer_from_info(data_info: dict):
+    """The tokenizer a data module stored in ``data_info``: a pretrained model's (``tokenizer``, Marian
+    SentencePiece) or our BPE (``tokenizer_json``); None without either."""
+    if "tokenizer" in data_info:
+        return MarianVocab.from_info(data_info["tokenizer"])
+    return tokenizer_from_json(data_info["tokenizer_json"]) if "tokenizer_json" in data_info else None
+
+
 class TranslationTask(BaseTask):
     """Seq2seq translation.
 
@@ -28,7 +37,11 @@ class TranslationTask(BaseTask):
         model: the ``model`` config group: :class:`modules.translation.TranslationModel` arguments plus
             ``mode`` ("autoregressive" or "nat") and ``decoding`` (settings of
             :func:`modules.decoding.decode`: strategy greedy|beam|sample|nat, beam_size, ...).
-        data_info: from the data module: vocab_size, special ids and the tokenizer (``tokenizer_json``).
+        data_info: from the data module: vocab_size (and ``tgt_vocab_size`` for separate vocabularies),
+            special ids and the tokenizer (``tokenizer_json``, or ``tokenizer`` for a pretrained model's).
+    With ``model.init_from`` (a pretrained model, :class:`modules.translation.TranslationModel`), the
+    saved hyper-parameters get the architecture the source stated and no ``init_from``: a checkpoint
+    rebuilds the model without the source.
         label_smoothing: epsilon of the label-smoothed cross entropy.
         scheduled_sampling_max_prob: scheduled sampling against exposure bias (two-pass variant): the
             probability of feeding the model's own prediction instead of the gold token rises
@@ -76,8 +89,15 @@ class TranslationTask(BaseTask):
         self.data_info = data_info
         self.pad_id, self.bos_id, self.eos_id = data_info["pad_id"], data_info["bos_id"], data_info["eos_id"]
         self.mask_id = data_info.get("mask_id", data_info.get("unk_id", 3))
-        self.model = TranslationModel(vocab_size=data_info["vocab_size"], pad_id=self.pad_id, **model)
-        self.tokenizer = tokenizer_from_json(data_info["tokenizer_json"]) if "tokenizer_json" in data_info else None
+        sizes = {"vocab_size": data_info["vocab_size"], "pad_id": self.pad_id}
+        if data_info.get("tgt_vocab_size") is not None:
+            sizes["tgt_vocab_size"] = data_info["tgt_vocab_size"]
+        self.model = TranslationModel(**sizes, **model)
+        if model.get("init_from") is not None:  # read once: the checkpoint keeps what the source stated
+            settings = {k: v for k, v in self.model.settings.items() if k not in sizes}
+            self.hparams["model"] = {**self.hparams["model"], **settings, "init_from": None}
+            self.hparams["data_info"] = {**data_info, **{k: self.model.settings[k] for k in sizes}}
+        self.tokenizer = tokenizer_from_info(data_info)
         self.label_smoothing = label_smoothing
         self.ss_max_prob, self.ss_ramp = scheduled_sampling_max_prob, scheduled_sampling_ramp_steps
         self.ga_weight, self.ga_sigma = guided_attention_weight, guided_attention_sigma
@@ -199,8 +219,7 @@ class TranslationTask(BaseTask):
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer (data_info['tokenizer_json'])")
         # the tokenizer carries the data's whitespace/unicode normaliser, so raw text goes in as is
-        ids = [self.tokenizer.encode(s, add_special_tokens=False).ids + [self.eos_id]
-               for s in sentences]
+        ids = [self.source_ids(s) + [self.eos_id] for s in sentences]
         width = max(len(x) for x in ids)
         src = torch.full((len(ids), width), self.pad_id, dtype=torch.long, device=self.device)
         for i, x in enumerate(ids):
@@ -209,6 +228,12 @@ class TranslationTask(BaseTask):
         with torch.inference_mode():
             out = self.translate_ids(src, src == self.pad_id, **overrides)
         return [self.tokenizer.decode(x) for x in out]
+
+    def source_ids(self, sentence: str) -> list[int]:
+        """Token ids of a raw source sentence (the checkpoint's tokenizer; no EOS)."""
+        if isinstance(self.tokenizer, MarianVocab):
+            return self.tokenizer.encode_source(sentence)
+        return self.tokenizer.encode(sentence, add_special_tokens=False).ids
 
     def hypotheses(self, batch: dict, split: str = "val") -> list[str]:
         """Detokenised translations of a batch, decoded as ``split`` ("val" or "test") is."""
