@@ -88,6 +88,8 @@ class TranslationModel(nn.Module):
         given = {k: v for k, v in locals().items() if k in ARCHITECTURE}
         source = None
         if init_from is not None:
+            if transformer is not None:
+                raise ValueError("init_from builds its own Transformer from the source; it cannot share one")
             from .marian import MarianSource  # only when asked: reads files, may need huggingface_hub
 
             source = MarianSource.open(init_from)

@@ -255,3 +255,19 @@ def test_shift_right():
     tgt = torch.tensor([[BOS, 5, 6, EOS, PAD]])
     tgt_in, labels = shift_right(tgt)
     assert tgt_in.tolist() == [[BOS, 5, 6, EOS]] and labels.tolist() == [[5, 6, EOS, PAD]]
+
+
+def test_fused_loss_with_a_logits_bias_equals_the_unfused_one():
+    """Marian's fixed ``final_logits_bias`` in the fused projection + loss: values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g)
+    target = torch.tensor([1, 2, 0, 5, 10, 3, 0])
+    loss, nll = linear_label_smoothed_cross_entropy(h, weight, target, 0.1, 0, chunk=3, bias=bias)
+    ref_loss, ref_nll = label_smoothed_nll((h @ weight.T + bias).log_softmax(-1), target, 0.1, 0)
+    torch.testing.assert_close((loss, nll), (ref_loss, ref_nll))
+    grads = torch.autograd.grad(loss + 0.5 * nll, (h, weight))
+    torch.testing.assert_close(grads, torch.autograd.grad(ref_loss + 0.5 * ref_nll, (h, weight)))
+    with pytest.raises(ValueError, match="bias"):
+        linear_label_smoothed_cross_entropy(h, weight, target, 0.1, 0, bias=bias[:5])
