@@ -25,6 +25,7 @@ from tasks.runtime import (
     ConfigError,
     callbacks_for,
     close_loggers,
+    data_settings,
     find_good_checkpoint,
     instantiate_dict,
     mirror_lightning_logs,
@@ -53,6 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     task = instantiate(cfg.task, model=to_plain(cfg.model), data_info=datamodule.data_info)
+    task.remember_data(to_plain(cfg.data), data_settings(datamodule))  # the checkpoint alone evaluates / predicts
     loggers = instantiate_dict(cfg.logger, id=wandb_id)
     guard = RunGuard()  # RNG state in checkpoints, SIGINT/SIGTERM -> checkpoint + stop, NaN weights never saved
     callbacks = callbacks_for(instantiate_dict(cfg.callbacks), loggers) + [guard]

@@ -571,6 +571,11 @@ class CocoDataModule(SplitDataModule):
             self._categories = sorted_categories(data)
         return self._categories
 
+    def use_categories(self, categories: list[dict[str, Any]]) -> None:
+        """Fix the label order to ``categories`` (label i = ``categories[i]``, ``{"id", "name"}``) instead of
+        reading it from the train JSON: a trained model's classes, to evaluate without the training split."""
+        self._categories = [dict(c) for c in categories]
+
     @property
     def data_info(self) -> dict[str, Any]:
         """``{"num_classes": C, "class_names": [...], "category_ids": [...]}``; label i ↔ category_ids[i].

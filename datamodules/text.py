@@ -789,6 +789,10 @@ class ParallelTextDataModule(SplitDataModule):
     def pad_id(self) -> int:
         return self.tokenizer.pad_id if isinstance(self.tokenizer, MarianVocab) else PAD_ID
 
+    def use_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Use a trained model's tokenizer (e.g. from its checkpoint) instead of the train split's."""
+        self._tokenizer = tokenizer
+
     def prepare_data(self) -> None:
         """Train or load the tokenizer (Lightning calls this on one process per node)."""
         _ = self.tokenizer

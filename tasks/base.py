@@ -116,7 +116,21 @@ class BaseTask(L.LightningModule):
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
+    # what a checkpoint needs to be used on its own (eval.py, predict.py, tasks.api.load) -------------
+    data_config: dict | None = None
+    preprocessing: dict | None = None
+
+    def remember_data(self, config: dict | None, preprocessing: dict | None) -> None:
+        """Keep the data module's config (plain dict with ``_target_``) and its effective preprocessing
+        (``tasks.runtime.data_settings``) for the checkpoint, so that a checkpoint alone evaluates and
+        predicts with the training run's scales, max size and tokenizer."""
+        self.data_config, self.preprocessing = config, preprocessing
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # plain values only: checkpoints must load with torch.load(weights_only=True)
         wandb_id = next((lg.version for lg in self.loggers if isinstance(lg, WandbLogger)), None)
-        checkpoint[CHECKPOINT_KEY] = {"task": self.task_name, "wandb_run_id": wandb_id}
+        trainer = self._trainer
+        metrics = {k: float(v) for k, v in (trainer.callback_metrics.items() if trainer is not None else ())
+                   if isinstance(v, float | int) or (torch.is_tensor(v) and v.numel() == 1)}
+        checkpoint[CHECKPOINT_KEY] = {"task": self.task_name, "wandb_run_id": wandb_id, "data": self.data_config,
+                                      "preprocessing": self.preprocessing, "metrics": metrics}

@@ -1,4 +1,4 @@
-"""Object detection: DETR on the shared Transformer, Hungarian set loss, COCO mAP."""
+"""Object detection: DETR on the shared Transformer, Hungarian set loss, official COCO AP (COCOeval)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from modules.detr import build_detr, postprocess
 from modules.matcher import HungarianMatcher
 
 from .base import BaseTask
+from .metrics import CocoDetectionMetric
 
 
 class DetectionTask(BaseTask):
@@ -68,8 +69,7 @@ class DetectionTask(BaseTask):
         self.register_buffer(
             "category_ids", torch.as_tensor(data_info["category_ids"], dtype=torch.int64), persistent=False
         )
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
-        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        self.val_map, self.test_map = CocoDetectionMetric(), CocoDetectionMetric()  # official COCO AP
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.adapter.body.parameters()
@@ -100,14 +100,24 @@ class DetectionTask(BaseTask):
         sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
         return postprocess(outputs, sizes, self.top_k, sigmoid=self.model.sigmoid_classes)
 
-    def _eval_step(self, batch: dict, metric: MeanAveragePrecision, prefix: str) -> dict:
+    def _eval_step(self, batch: dict, metric: CocoDetectionMetric, prefix: str) -> dict:
         outputs, losses, loss = self._losses(batch)
         bs = len(batch["targets"])
         self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
         for k in ("loss_ce", "loss_bbox", "loss_giou"):
             self.log(f"{prefix}/{k}", losses[k], batch_size=bs, sync_dist=True)
-        preds = self.update_map(metric, outputs, batch["targets"])
+        preds = self.update_coco(metric, outputs, batch["targets"])
         return {"loss": loss, "outputs": outputs, "preds": preds}
+
+    def update_coco(self, metric: CocoDetectionMetric, outputs: dict, targets: list[dict]) -> list[dict]:
+        """Add one batch to the split's COCO metric (original pixels, the file's category ids);
+        returns the detections (contiguous labels)."""
+        preds = self.predictions(outputs, targets)
+        images = torch.tensor([[t["image_id"], *t["orig_size"].tolist()] for t in targets])
+        cat = self.category_ids
+        metric.update(images, [{**p, "labels": cat[p["labels"]]} for p in preds],
+                      [self._ground_truth(t) for t in targets])
+        return preds
 
     def update_map(self, metric: MeanAveragePrecision, outputs: dict, targets: list[dict]) -> list[dict]:
         """Add one batch to a COCO mAP metric, in the file's category ids and original pixels;
@@ -131,15 +141,26 @@ class DetectionTask(BaseTask):
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         return self._eval_step(batch, self.test_map, "test")
 
-    def _log_map(self, metric: MeanAveragePrecision, prefix: str) -> None:
+    def ground_truth(self, split: str):
+        """The pycocotools ``COCO`` of a split's annotations held by the data module (crowd regions and
+        areas included; a multitask run's detection data module), or None (the metric then scores the
+        batches' boxes)."""
+        dm = getattr(self._trainer, "datamodule", None)
+        dm = getattr(dm, "datamodules", {}).get(self.task_name, dm)
+        return getattr(getattr(dm, f"{split}_dataset", None), "coco", None)
+
+    def _log_map(self, metric: CocoDetectionMetric, prefix: str) -> None:
+        metric.ground_truth = self.ground_truth(prefix)
         result = metric.compute()
         metric.reset()
-        names = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_small",
-                 "map_medium": "mAP_medium", "map_large": "mAP_large", "mar_100": "mAR_100"}
+        names = {"AP": "mAP", "AP50": "mAP_50", "AP75": "mAP_75", "AP_small": "mAP_small",
+                 "AP_medium": "mAP_medium", "AP_large": "mAP_large", "AR100": "mAR_100"}
         for key, name in names.items():
-            value = result[key].float()
-            if key in ("map", "map_50", "map_75"):  # always logged (-1 = no ground truth -> 0)
-                self.log(f"{prefix}/{name}", value.clamp(min=0.0), prog_bar=key != "map_75", sync_dist=True)
+            if key not in result:  # no image evaluated
+                continue
+            value = result[key].float().to(self.device)
+            if key in ("AP", "AP50", "AP75"):  # always logged (-1 = no ground truth -> 0)
+                self.log(f"{prefix}/{name}", value.clamp(min=0.0), prog_bar=key != "AP75", sync_dist=True)
             elif value >= 0:  # -1: no object of that size in this split
                 self.log(f"{prefix}/{name}", value, sync_dist=True)
 

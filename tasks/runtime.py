@@ -88,8 +88,50 @@ class TrainSchema:
     callbacks: Any = None
 
 
+@dataclass
+class EvalSchema:
+    """Top-level keys of ``configs/eval.yaml`` (``eval.py``)."""
+
+    ckpt_path: str = "???"
+    split: str = "val"
+    task_name: str | None = None
+    device: str = "auto"
+    precision: str | None = "32"
+    score_threshold: float = 0.5
+    decoding: Any = None
+    logger: Any = None
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    data: Any = None
+
+
+@dataclass
+class PredictSchema:
+    """Top-level keys of ``configs/predict.yaml`` (``predict.py``)."""
+
+    ckpt_path: str = "???"
+    input: str = "???"
+    output: str | None = None
+    task_name: str | None = None
+    device: str = "auto"
+    precision: str | None = "32"
+    threshold: float | None = None
+    batch_size: int = 8
+    save_images: bool = True
+    decoding: Any = None
+    paths: PathsSchema = field(default_factory=PathsSchema)
+
+
 def register_schema() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainSchema)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainSchema)
+    store.store(name="eval_schema", node=EvalSchema)
+    store.store(name="predict_schema", node=PredictSchema)
+
+
+def open_overrides(argv: list[str], groups: tuple[str, ...] = ("data", "decoding")) -> list[str]:
+    """``data.x=1`` -> ``++data.x=1`` (eval.py / predict.py): those dicts start from the checkpoint's
+    settings, not from a config file, so their keys are added or replaced."""
+    return [f"++{a}" if a.startswith(tuple(f"{g}." for g in groups)) else a for a in argv]
 
 
 def find_last_checkpoint(log_dir: str, task_name: str) -> str:
@@ -233,6 +275,25 @@ def mirror_lightning_logs() -> None:
         for handler in files:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
+
+
+PREPROCESSING_KEYS = ("train_scales", "val_scale", "max_size", "size_divisibility", "target", "src_lang",
+                      "tgt_lang", "max_len")
+
+
+def data_settings(datamodule: Any) -> dict[str, Any]:
+    """The data module's effective preprocessing (image scales, max size, padding multiple; languages and
+    length cap for text; one entry per task for a multitask data module), as plain values for the
+    checkpoint. The tokenizer is stored with the task's ``data_info``."""
+    children = getattr(datamodule, "datamodules", None)
+    if isinstance(children, dict):
+        return {name: data_settings(dm) for name, dm in children.items()}
+    settings = {}
+    for key in PREPROCESSING_KEYS:
+        value = getattr(datamodule, key, None)
+        if isinstance(value, str | int | float | list | tuple):
+            settings[key] = list(value) if isinstance(value, tuple | list) else value
+    return settings
 
 
 def to_plain(cfg: Any) -> Any:
