@@ -109,14 +109,15 @@ class DetectionTask(BaseTask):
         preds = self.update_coco(metric, outputs, batch["targets"])
         return {"loss": loss, "outputs": outputs, "preds": preds}
 
-    def update_coco(self, metric: CocoDetectionMetric, outputs: dict, targets: list[dict]) -> list[dict]:
-        """Add one batch to the split's COCO metric (original pixels, the file's category ids);
-        returns the detections (contiguous labels)."""
+    def update_coco(self, metric: CocoDetectionMetric, outputs: dict, targets: list[dict],
+                    category_ids: Tensor | None = None) -> list[dict]:
+        """Add one batch to the split's COCO metric (original pixels, the file's category ids:
+        ``category_ids[label]``, default the training JSON's); returns the detections (contiguous labels)."""
         preds = self.predictions(outputs, targets)
         images = torch.tensor([[t["image_id"], *t["orig_size"].tolist()] for t in targets])
-        cat = self.category_ids
+        cat = self.category_ids if category_ids is None else category_ids.to(self.category_ids.device)
         metric.update(images, [{**p, "labels": cat[p["labels"]]} for p in preds],
-                      [self._ground_truth(t) for t in targets])
+                      [{**self._ground_truth(t), "labels": cat[t["labels"]]} for t in targets])
         return preds
 
     def update_map(self, metric: MeanAveragePrecision, outputs: dict, targets: list[dict]) -> list[dict]:

@@ -88,11 +88,12 @@ def evaluate_detection(predictor: Predictor, datamodule: Any, split: str, out_di
     if list(data_names) != list(names):
         match_classes(names, [dataset.coco.cats[c] for c in dataset.category_ids], f"the {split} split")
     task, metric = predictor.task, CocoDetectionMetric()
+    category_ids = torch.as_tensor(dataset.category_ids, dtype=torch.int64)  # label -> this file's id
     for batch in loader:
         batch = _to(batch, predictor.device)
         with torch.inference_mode(), predictor.autocast():
             outputs = task(batch["images"], batch["pixel_mask"])
-        task.update_coco(metric, outputs, batch["targets"])
+        task.update_coco(metric, outputs, batch["targets"], category_ids)
         if progress is not None:
             progress(len(batch["targets"]))
     metric.ground_truth = ground_truth_coco(dataset.coco)
