@@ -51,7 +51,8 @@ def fix_label_order(predictor: Predictor, datamodule: Any, split: str) -> None:
     if json_path is None or not hasattr(datamodule, "use_categories"):
         return
     names = predictor.task.data_info["class_names"]
-    datamodule.use_categories(match_classes(names, load_coco_json(json_path)["categories"], str(json_path)))
+    read = getattr(datamodule, "_load_split_json", load_coco_json)  # VOC / YOLO: their in-memory COCO dict
+    datamodule.use_categories(match_classes(names, read(json_path)["categories"], str(json_path)))
 
 
 def split_dataset(datamodule: Any, split: str):
