@@ -269,4 +269,6 @@ def load(path: str | os.PathLike, *, task_name: str | None = None, device: str =
     path = str(Path(path).expanduser())
     ckpt = read_checkpoint(path)
     task, name = pick_task(build_task(ckpt), task_name, path)
-    return PREDICTORS[name](task, name, ckpt[CHECKPOINT_KEY], resolve_device(device), precision, path)
+    device_ = resolve_device(device)
+    autocast(device_, precision)  # an unknown precision fails here, not at the first batch
+    return PREDICTORS[name](task, name, ckpt[CHECKPOINT_KEY], device_, precision, path)
