@@ -243,7 +243,7 @@ class DETR(nn.Module):
     def _token_proposals(self, memory: Tensor, mask: Tensor, hw: tuple[int, int]) -> dict[str, Tensor]:
         """Two-stage: every encoder token predicts a class and a box around its own cell."""
         b = memory.shape[0]
-        not_pad = ~mask.view(b, *hw)
+        not_pad = (~mask.view(b, *hw)).float()  # float counts: ONNX CumSum takes no bool
         ys = (not_pad.cumsum(1) - 0.5) / not_pad.sum(1, keepdim=True).clamp(min=1)
         xs = (not_pad.cumsum(2) - 0.5) / not_pad.sum(2, keepdim=True).clamp(min=1)
         hs_ = 2.0 / not_pad.sum(1, keepdim=True).clamp(min=1).expand_as(ys)  # two cells high / wide

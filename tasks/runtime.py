@@ -121,11 +121,29 @@ class PredictSchema:
     paths: PathsSchema = field(default_factory=PathsSchema)
 
 
+@dataclass
+class ExportSchema:
+    """Top-level keys of ``configs/export.yaml`` (``export.py``)."""
+
+    ckpt_path: str = "???"
+    format: str = "onnx"
+    task_name: str | None = None
+    postprocess: bool = True
+    top_k: int | None = None
+    height: int | None = None
+    width: int | None = None
+    opset: int = 17
+    output: str | None = None
+    verify: bool = True
+    paths: PathsSchema = field(default_factory=PathsSchema)
+
+
 def register_schema() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainSchema)
     store.store(name="eval_schema", node=EvalSchema)
     store.store(name="predict_schema", node=PredictSchema)
+    store.store(name="export_schema", node=ExportSchema)
 
 
 def open_overrides(argv: list[str], groups: tuple[str, ...] = ("data", "decoding")) -> list[str]:
