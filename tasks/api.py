@@ -57,6 +57,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def checkpoint_file(ref: str) -> str:
+    """A checkpoint path (``~`` expanded), or a W&B model artifact ``wandb:entity/project/name:alias``
+    downloaded (online only; offline it is a one-line error)."""
+    from .loggers import resolve_wandb_checkpoint
+    from .runtime import wandb_has_credentials
+
+    if not ref.startswith("wandb:"):
+        return str(Path(ref).expanduser())
+    try:
+        return resolve_wandb_checkpoint(ref, online=wandb_has_credentials())
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def without_weight_sources(settings: Any) -> Any:
     """``settings`` with every ``pretrained_backbone`` / ``init_from`` entry (at any depth) set to None:
     the checkpoint's state dict holds the trained weights."""
@@ -266,7 +280,7 @@ def load(path: str | os.PathLike, *, task_name: str | None = None, device: str =
     """Load a checkpoint written by ``train.py`` into a ready model object (see the module docstring).
     ``task_name`` picks the task of a multitask checkpoint; ``device``: auto | cpu | cuda[:N];
     ``precision``: 32 | bf16 | 16 (autocast)."""
-    path = str(Path(path).expanduser())
+    path = checkpoint_file(str(path))
     ckpt = read_checkpoint(path)
     task, name = pick_task(build_task(ckpt), task_name, path)
     device_ = resolve_device(device)

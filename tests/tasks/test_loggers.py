@@ -73,3 +73,13 @@ def test_a_wandb_reference_offline_is_a_one_line_error_and_a_path_passes_through
         resolve_wandb_checkpoint("wandb:me/mtdetr/model-abc:best", online=False)
     assert "\n" not in str(info.value)
     assert resolve_wandb_checkpoint(str(tmp_path / "x.ckpt"), online=False) == str(tmp_path / "x.ckpt")
+
+
+def test_eval_and_predict_name_a_wandb_reference_offline_in_one_line(monkeypatch):
+    from tasks.api import load
+    from tasks.runtime import ConfigError
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ConfigError, match="W&B is offline here") as info:
+        load("wandb:me/mtdetr/model-abc:latest", device="cpu")
+    assert "\n" not in str(info.value)
