@@ -50,13 +50,63 @@ def _fuse_frozen_bn(module: nn.Module) -> None:
         module.downsample = nn.Sequential(ConvFrozenBN(down[0], down[1]))
 
 
-def load_backbone_weights(trunk: nn.Module, path: str) -> None:
-    """Load torchvision ResNet weights from a local file (a state dict, or a dict holding one under
-    ``state_dict``/``model``). The classifier (``fc.*``) is ignored."""
-    if not os.path.isfile(path):
+_TORCHVISION_WEIGHTS = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
+_BODY_INDEX = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+
+
+def trunk_key(name: str, fused: bool) -> str:
+    """Where a torchvision ResNet tensor (``layer1.0.bn1.weight``) lives in ``ImageAdapter.body``
+    (``4.0.conv1.bn.weight`` when frozen BatchNorms are fused into their convolutions, else
+    ``4.0.bn1.weight``)."""
+    first, _, rest = name.partition(".")
+    if first in ("conv1", "bn1"):
+        if not fused:
+            return f"{_BODY_INDEX[first]}.{rest}"
+        return f"0.{'conv' if first == 'conv1' else 'bn'}.{rest}"
+    if first not in _BODY_INDEX:
+        raise KeyError(name)
+    block, module, tail = rest.split(".", 2)
+    if fused and module.startswith(("conv", "bn")):
+        module = f"conv{module[-1]}.{'conv' if module.startswith('conv') else 'bn'}"
+    elif fused and module == "downsample":
+        index, tail = tail.split(".", 1)
+        module = f"downsample.0.{'conv' if index == '0' else 'bn'}"
+    return f"{_BODY_INDEX[first]}.{block}.{module}.{tail}"
+
+
+def _torchvision_weights_file(backbone: str, name: str) -> str:
+    """The cached file of torchvision's ``<backbone>`` weights enum member ``name``, downloaded into
+    torchvision's cache (``$TORCH_HOME/hub/checkpoints``) when it is not there yet."""
+    enum = torchvision.models.get_model_weights(backbone)
+    if name not in enum.__members__:
+        raise ValueError(f"torchvision has no {name} weights for {backbone}; choose one of {list(enum.__members__)}")
+    weights = enum[name]
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, os.path.basename(weights.url))
+    if os.path.isfile(path):
+        return path
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, model_dir=folder, map_location="cpu", check_hash=True)
+    except Exception as e:  # noqa: BLE001 - offline, proxy, disk: the same remedy
+        raise FileNotFoundError(
+            f"torchvision weights {backbone}.{name} are not cached and could not be downloaded ({type(e).__name__}: "
+            f"{str(e)[:120]}): put {os.path.basename(path)} (from {weights.url}) in {folder} (set TORCH_HOME to "
+            "move the cache) or give a local file to model.pretrained_backbone"
+        ) from e
+    return path
+
+
+def load_backbone_weights(trunk: nn.Module, path: str, backbone: str = "resnet50") -> None:
+    """Load torchvision ResNet weights into ``trunk``: a local file (a state dict, or a dict holding one
+    under ``state_dict``/``model``) or the name of a torchvision weights enum member (``DEFAULT``,
+    ``IMAGENET1K_V1``, ``IMAGENET1K_V2``) of ``backbone``. The classifier (``fc.*``) is ignored."""
+    if path in _TORCHVISION_WEIGHTS:
+        path = _torchvision_weights_file(backbone, path)
+    elif not os.path.isfile(path):
         raise FileNotFoundError(
             f"backbone weights file not found: {path!r}. Give a local .pth file (e.g. torchvision's "
-            "resnet50-0676ba61.pth) or set model.pretrained_backbone=null to start from scratch."
+            f"resnet50-0676ba61.pth), one of {'/'.join(_TORCHVISION_WEIGHTS)} (torchvision's weights, "
+            "cached in $TORCH_HOME) or model.pretrained_backbone=null to start from scratch."
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,13 +136,17 @@ class ImageAdapter(nn.Module):
     Args:
         backbone: torchvision ResNet name (resnet18/34/50/101).
         d_model: token width.
-        pretrained_backbone: local path of ImageNet weights, or None (random init). Never downloads.
+        pretrained_backbone: ImageNet weights: a local file, a torchvision weights enum name
+            (``DEFAULT``, ``IMAGENET1K_V1``, ``IMAGENET1K_V2``: torchvision's cache, downloaded once),
+            or None (random init).
         frozen_bn: use frozen BatchNorm (statistics and affine fixed), DETR's choice for small batches.
         trainable_layers: how many of the last ResNet stages (layer4, layer3, ...) receive gradients;
             0 freezes the trunk. DETR trains layer2-4 (3).
         stride: 32 (the whole trunk) or 16 (stop after layer3: 4x more tokens, better for small images).
         fuse_frozen_bn: fold frozen BatchNorms into the preceding convolutions (same result, less work).
         channels_last: run the trunk in channels-last memory format (faster convolutions on CPU and GPU).
+        position_offset: subtracted from the cell counts of the 2-D sine positions before normalising:
+            0 is DETR's convention, 0.5 (this class's default, kept for its other users) Deformable DETR's.
     """
 
     def __init__(
@@ -105,6 +159,8 @@ class ImageAdapter(nn.Module):
         stride: int = 32,
         fuse_frozen_bn: bool = True,
         channels_last: bool = True,
+        *,
+        position_offset: float = 0.5,
     ) -> None:
         super().__init__()
         if backbone not in _RESNETS:
@@ -116,7 +172,7 @@ class ImageAdapter(nn.Module):
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         trunk = getattr(torchvision.models, backbone)(weights=None, norm_layer=norm)
         if pretrained_backbone:
-            load_backbone_weights(trunk, pretrained_backbone)
+            load_backbone_weights(trunk, pretrained_backbone, backbone)
         stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         for name, p in trunk.named_parameters():
             if not any(name.startswith(s) for s in stages) and not (
@@ -134,6 +190,8 @@ class ImageAdapter(nn.Module):
         self.body = nn.Sequential(*layers)
         self.input_proj = nn.Conv2d(channels, d_model, kernel_size=1)
         self.d_model, self.stride, self.channels_last = d_model, stride, channels_last
+        self.position_offset = position_offset
+        self.fused = frozen_bn and fuse_frozen_bn
 
     def forward(
         self,
@@ -146,6 +204,6 @@ class ImageAdapter(nn.Module):
         feat = self.input_proj(self.body(images))  # [B, D, h, w]
         h, w = feat.shape[-2:]
         mask = F.interpolate(pixel_mask[:, None].float(), size=(h, w)).to(torch.bool)[:, 0]
-        pos = sine_positions_2d(mask, self.d_model).flatten(1, 2).to(feat.dtype)
+        pos = sine_positions_2d(mask, self.d_model, offset=self.position_offset).flatten(1, 2).to(feat.dtype)
         tokens = feat.flatten(2).transpose(1, 2)
         return tokens, pos, mask.flatten(1), (h, w)

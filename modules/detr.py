@@ -12,6 +12,7 @@ from torchvision.ops import box_convert
 from .backbone import ImageAdapter
 from .position import sine_embed_boxes
 from .transformer import Seq2SeqTransformer
+from .weights import WeightSource, load_detr_weights, read_weights
 
 
 class MLP(nn.Sequential):
@@ -332,24 +333,47 @@ class DETR(nn.Module):
         return out
 
 
+# the DETR-R50 paper setting: what build_detr builds for a setting that is None and the source does not state
+DETR_R50 = {
+    "backbone": "resnet50", "d_model": 256, "nhead": 8, "num_encoder_layers": 6, "num_decoder_layers": 6,
+    "dim_feedforward": 2048, "norm_first": False, "activation": "relu", "num_queries": 100, "position_offset": 0.0,
+}
+
+
+def resolve_architecture(given: dict, source: WeightSource | None) -> dict:
+    """The architecture settings to build: each given value (None = not given), else the source's,
+    else DETR-R50's. A given value that contradicts the source is an error naming both."""
+    resolved = {}
+    for key, default in DETR_R50.items():
+        value = given.get(key)
+        stated = None if source is None else source.settings.get(key)
+        if value is not None and stated is not None and value != stated:
+            raise ValueError(
+                f"model.{key}={value!r} contradicts {source.stated_by[key]} ({key}={stated!r}): set "
+                f"model.{key}={stated!r}, or null to take it from the source"
+            )
+        resolved[key] = value if value is not None else stated if stated is not None else default
+    return resolved
+
+
 def build_detr(
     num_classes: int,
-    backbone: str = "resnet50",
+    backbone: str | None = None,
     pretrained_backbone: str | None = None,
     frozen_bn: bool = True,
     trainable_layers: int = 3,
     stride: int = 32,
-    fuse_frozen_bn: bool = True,
-    channels_last: bool = True,
-    d_model: int = 256,
-    nhead: int = 8,
-    num_encoder_layers: int = 6,
-    num_decoder_layers: int = 6,
-    dim_feedforward: int = 2048,
+    fuse_frozen_bn: bool = False,
+    channels_last: bool = False,
+    d_model: int | None = None,
+    nhead: int | None = None,
+    num_encoder_layers: int | None = None,
+    num_decoder_layers: int | None = None,
+    dim_feedforward: int | None = None,
     dropout: float = 0.1,
-    norm_first: bool = False,
-    activation: str = "relu",
-    num_queries: int = 100,
+    norm_first: bool | None = None,
+    activation: str | None = None,
+    num_queries: int | None = None,
     aux_loss: bool = True,
     sigmoid_classes: bool = False,
     anchor_queries: bool = False,
@@ -360,19 +384,44 @@ def build_detr(
     dn_label_noise: float = 0.5,
     dn_box_noise: float = 0.4,
     dn_contrastive: bool = True,
+    *,
+    position_offset: float | None = None,
+    init_from: str | None = None,
+    init_strict: bool = True,
 ) -> DETR:
     """DETR from plain settings (the ``model`` config group). Defaults are the DETR-R50 paper setting
-    (every convergence switch off)."""
+    (every convergence switch off, DETR's sine positions: ``position_offset`` 0).
+
+    ``init_from``: whole-model weights (:mod:`modules.weights`: an original facebookresearch/detr
+    checkpoint, a Hugging Face DETR folder, ``hf:REPO_ID[@revision]`` or a detection ``.ckpt``), read
+    once here. Architecture settings left None (those of :data:`DETR_R50`) come from the source when it
+    states them. ``init_strict=False`` loads what fits instead of failing on missing/unused tensors.
+    The settings built are in ``model.settings``, the load report in ``model.load_report``.
+
+    ``fuse_frozen_bn`` and ``channels_last`` (the configs turn both on) are faster and equal up to
+    float rounding; off by default, so that the Python defaults compute exactly as the original DETR."""
+    if init_from and pretrained_backbone:
+        raise ValueError("set model.init_from (whole model) or model.pretrained_backbone (trunk only), not both")
+    source = read_weights(init_from) if init_from else None
+    given = {k: v for k, v in locals().items() if k in DETR_R50}
+    arch = resolve_architecture(given, source)
     adapter = ImageAdapter(
-        backbone, d_model, pretrained_backbone, frozen_bn, trainable_layers, stride, fuse_frozen_bn, channels_last
+        arch["backbone"], arch["d_model"], pretrained_backbone, frozen_bn, trainable_layers, stride,
+        fuse_frozen_bn, channels_last, position_offset=arch["position_offset"],
     )
     transformer = Seq2SeqTransformer(
-        d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, norm_first, activation
+        arch["d_model"], arch["nhead"], arch["num_encoder_layers"], arch["num_decoder_layers"],
+        arch["dim_feedforward"], dropout, arch["norm_first"], arch["activation"],
     )
-    return DETR(
-        adapter, transformer, num_classes, num_queries, aux_loss, sigmoid_classes, anchor_queries, box_refine,
-        num_groups, two_stage, dn_groups, dn_label_noise, dn_box_noise, dn_contrastive,
+    model = DETR(
+        adapter, transformer, num_classes, arch["num_queries"], aux_loss, sigmoid_classes, anchor_queries,
+        box_refine, num_groups, two_stage, dn_groups, dn_label_noise, dn_box_noise, dn_contrastive,
     )
+    model.settings, model.load_report = arch, None
+    if source is not None:
+        model.load_report = load_detr_weights(model, source, init_strict)
+        print(model.load_report.summary())
+    return model
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ def sinusoidal_positions(
 
 
 def sine_positions_2d(
-    pixel_mask: Tensor, dim: int, temperature: float = 10000.0, normalize: bool = True, scale: float = 2 * math.pi
+    pixel_mask: Tensor, dim: int, temperature: float = 10000.0, normalize: bool = True, scale: float = 2 * math.pi,
+    offset: float = 0.0,
 ) -> Tensor:
     """2-D sine positions of a feature map, as in DETR.
 
@@ -40,6 +41,8 @@ def sine_positions_2d(
         pixel_mask: ``[B, H, W]`` bool, True on padding. Positions count only un-padded pixels, so a
             padded image gets the same encoding as the same image alone.
         dim: output channels (half for y, half for x); must be even.
+        offset: subtracted from the cell count (1, 2, ...) before normalising: 0 is DETR's convention
+            (cells at 1/n .. 1 of the image), 0.5 Deformable DETR's (cell centres).
 
     Returns:
         ``[B, H, W, dim]`` float32.
@@ -51,8 +54,8 @@ def sine_positions_2d(
     x = not_mask.cumsum(2)
     if normalize:
         eps = 1e-6
-        y = (y - 0.5) / (y[:, -1:, :] + eps) * scale
-        x = (x - 0.5) / (x[:, :, -1:] + eps) * scale
+        y = (y - offset) / (y[:, -1:, :] + eps) * scale
+        x = (x - offset) / (x[:, :, -1:] + eps) * scale
     return torch.cat((sine_embed(y, dim // 2, temperature), sine_embed(x, dim // 2, temperature)), dim=-1)
 
 
