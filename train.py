@@ -53,7 +53,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    task = instantiate(cfg.task, model=to_plain(cfg.model), data_info=datamodule.data_info)
+    model = weights_from_checkpoint(to_plain(cfg.model), ckpt_path)
+    task = instantiate(cfg.task, model=model, data_info=datamodule.data_info)
     task.remember_data(to_plain(cfg.data), data_settings(datamodule))  # the checkpoint alone evaluates / predicts
     loggers = instantiate_dict(cfg.logger, id=wandb_id)
     guard = RunGuard()  # RNG state in checkpoints, SIGINT/SIGTERM -> checkpoint + stop, NaN weights never saved
@@ -104,6 +105,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 class TrainingDiverged(ConfigError):
     """The loss or the weights became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+def weights_from_checkpoint(model: dict, ckpt_path: str | None) -> dict:
+    """Resuming: the weights come from the checkpoint, so the training-start sources are not read again
+    (a checkpoint never needs them): ``pretrained_backbone`` is dropped and ``init_from`` becomes the
+    checkpoint itself, which also states the architecture its run built."""
+    if not ckpt_path or not isinstance(model, dict):
+        return model
+    model = dict(model)
+    if model.get("pretrained_backbone"):
+        model["pretrained_backbone"] = None
+    if model.get("init_from"):
+        model["init_from"] = ckpt_path
+    return model
 
 
 def _report_interruption(cfg: DictConfig, trainer, loggers: list, saved: str | None, ckpt_path: str | None) -> None:

@@ -46,3 +46,23 @@ def test_checkpointed_settings_rebuild_without_the_source(tmp_path):
     images, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images, mask)["pred_boxes"], task(images, mask)["pred_boxes"])
+
+
+@pytest.mark.slow  # two short training runs (~40 s on 2 CPU cores)
+def test_resume_does_not_read_the_source_again(make_cfg, tmp_path):
+    """A run started from init_from resumes from its checkpoint after the source is gone; the
+    architecture taken from the source (settings left null) comes back from the checkpoint."""
+    import shutil
+
+    from tests.modules.test_weights_hf import hf_detr
+
+    hf_detr(tmp_path / "coco-detr", **TINY_HF)
+    common = ["model=detr_r50", f"model.init_from={tmp_path / 'coco-detr'}", "model.d_model=null", "model.nhead=null",
+              "model.num_queries=null", "model.position_offset=null", "task.class_loss=ce", "logger=csv",
+              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
+    train(make_cfg(*common, "trainer.max_epochs=1", run="first"))
+    shutil.rmtree(tmp_path / "coco-detr")
+    last = tmp_path / "outputs/detection/first/checkpoints/last.ckpt"
+    train(make_cfg(*common, "trainer.max_epochs=2", f"ckpt_path={last}", run="second"))
+    second = torch.load(tmp_path / "outputs/detection/second/checkpoints/last.ckpt", weights_only=True)
+    assert second["epoch"] == 1 and second["hyper_parameters"]["model"]["d_model"] == 32

@@ -44,7 +44,7 @@ def default_recipe() -> tuple[dict, dict]:
     (configs/task/detection.yaml), so the learning test follows the default."""
     model = OmegaConf.load(ROOT / "configs" / "model" / "detr_small.yaml")
     task = OmegaConf.load(ROOT / "configs" / "task" / "detection.yaml").task
-    switches = {k: model[k] for k in ("anchor_queries", "box_refine", "num_groups", "two_stage", "dn_groups",
+    switches = {k: model[k] for k in ("anchor_queries", "box_refine", "num_groups", "two_stage", "dn_groups", "position_offset",
                                       "dn_label_noise", "dn_box_noise", "dn_contrastive")}
     losses = {k: task[k] for k in ("class_loss", "focal_alpha", "focal_gamma", "cost_class", "cost_bbox",
                                    "cost_giou", "loss_ce", "loss_bbox", "loss_giou")}
