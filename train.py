@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = weights_from_checkpoint(to_plain(cfg.model), ckpt_path)
+    model = weights_from_checkpoint(to_plain(cfg.model), ckpt_path, cfg.task_name)
     task = instantiate(cfg.task, model=model, data_info=datamodule.data_info)
     task.remember_data(to_plain(cfg.data), data_settings(datamodule))  # the checkpoint alone evaluates / predicts
     loggers = instantiate_dict(cfg.logger, id=wandb_id)
@@ -107,16 +107,16 @@ class TrainingDiverged(ConfigError):
     """The loss or the weights became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
-def weights_from_checkpoint(model: dict, ckpt_path: str | None) -> dict:
+def weights_from_checkpoint(model: dict, ckpt_path: str | None, task_name: str) -> dict:
     """Resuming: the weights come from the checkpoint, so the training-start sources are not read again
-    (a checkpoint never needs them): ``pretrained_backbone`` is dropped and ``init_from`` becomes the
-    checkpoint itself, which also states the architecture its run built."""
+    (a checkpoint never needs them): ``pretrained_backbone`` is dropped, and a detection run's
+    ``init_from`` becomes the checkpoint itself, which states the architecture its run built."""
     if not ckpt_path or not isinstance(model, dict):
         return model
     model = dict(model)
     if model.get("pretrained_backbone"):
         model["pretrained_backbone"] = None
-    if model.get("init_from"):
+    if model.get("init_from") and task_name == "detection":
         model["init_from"] = ckpt_path
     return model
 

@@ -62,9 +62,9 @@ class DetectionTask(BaseTask):
         if "sigmoid_classes" in model:
             raise ValueError("set task.class_loss (ce|focal) instead of model.sigmoid_classes")
         self.model = build_detr(num_classes=data_info["num_classes"], sigmoid_classes=focal, **model)
-        # the architecture built (settings left null come from model.init_from's source): saved with the
-        # checkpoint, so that it rebuilds without the source
-        self.hparams["model"] = {**model, **self.model.settings}
+        # weights sources are read once: the checkpoint keeps the architecture built (settings left null
+        # come from model.init_from's source) and no source, so that it rebuilds without them
+        self.hparams["model"] = {**model, **self.model.settings, "init_from": None, "pretrained_backbone": None}
         matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma)
         self.criterion = SetCriterion(data_info["num_classes"], matcher, eos_coef, focal, focal_alpha, focal_gamma)
         self.loss_weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}

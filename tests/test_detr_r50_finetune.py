@@ -40,6 +40,7 @@ def test_checkpointed_settings_rebuild_without_the_source(tmp_path):
     task = DetectionTask(model=model, data_info=data_info).eval()
     saved = dict(task.hparams["model"])
     assert saved["d_model"] == 32 and saved["num_queries"] == 8 and saved["backbone"] == "resnet18"
+    assert saved["init_from"] is None  # a checkpoint never reads the source again
     (tmp_path / "coco-detr" / "model.safetensors").unlink()  # the source is gone
     rebuilt = DetectionTask(model={**saved, "init_from": None}, data_info=data_info).eval()
     rebuilt.load_state_dict(task.state_dict())
