@@ -238,3 +238,27 @@ def test_multilabel_eval_reproduces_val_scores_and_predicts(tmp_path):
 
     results = load(ckpt, device="cpu").predict(images, threshold=0.0)
     assert [sorted(r["labels"]) for r in results] == [["circle", "square", "triangle"]] * 2  # all at threshold 0
+
+
+@pytest.mark.slow
+def test_multitask_checkpoint_takes_task_name(tmp_path):
+    shapes = [f"data.{t}.{k}={v}" for t in ("detection", "multilabel") for k, v in
+              (("num_train", 8), ("num_val", 4), ("image_size", 64), ("batch_size", 4), ("num_workers", 0))]
+    run("train.py", "task=multitask", "data.translation=null", "task.tasks.translation=null", "data.steps_per_epoch=2",
+        *shapes, "model.shared.d_model=32", "model.shared.nhead=4", "model.shared.num_encoder_layers=1",
+        "model.shared.num_decoder_layers=1", "model.shared.dim_feedforward=64", "model.detection.num_queries=8",
+        "trainer.max_epochs=1", "test=false", "logger=none", f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'run'}", "callbacks.progress_bar.refresh_rate=0")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    proc = run("eval.py", f"ckpt_path={ckpt}", "logger=none", f"hydra.run.dir={tmp_path / 'e0'}", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "task_name=<detection|multilabel>" in proc.stderr
+    run("eval.py", f"ckpt_path={ckpt}", "task_name=multilabel", "logger=none", f"hydra.run.dir={tmp_path / 'e1'}")
+    metrics = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    saved = torch.load(ckpt, weights_only=True)["mtdetr"]["metrics"]
+    assert metrics["task"] == "multilabel" and abs(metrics["mAP"] - saved["multilabel/val/mAP"]) < 1e-4
+    run("predict.py", f"ckpt_path={ckpt}", "task_name=detection", f"input={tmp_path / 'c'}/shapes-*/images/val_*.png",
+        "save_images=false", f"hydra.run.dir={tmp_path / 'p'}")
+    predictions = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert len(predictions) == 4 and all("boxes" in p for p in predictions)
+    assert not (tmp_path / "p" / "images").exists()
