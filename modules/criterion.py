@@ -11,13 +11,17 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 from .matcher import HungarianMatcher
 
 
-def num_boxes_across_processes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
+def num_boxes_across_processes(
+    targets: list[dict[str, Tensor]], device: torch.device, across_processes: bool = True
+) -> float:
     """Number of target boxes per process, averaged over DDP processes, at least 1.
 
-    Every process divides its box losses by the same number, so gradients average correctly.
+    Every process divides its box losses by the same number, so gradients average correctly. That is
+    one all-reduce per call: ``across_processes=False`` (evaluation, where ranks may run different
+    numbers of batches) counts this process's boxes only.
     """
     n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    if dist.is_available() and dist.is_initialized():
+    if across_processes and dist.is_available() and dist.is_initialized():
         dist.all_reduce(n)
         n = n / dist.get_world_size()
     return max(n.item(), 1.0)
@@ -107,15 +111,20 @@ class SetCriterion(nn.Module):
         return {"loss_ce": self.loss_labels(logits, classes.flatten(1), n_dn),
                 **self.loss_boxes(torch.cat(src), torch.cat(tgt), n_dn, pred)}
 
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: dict, targets: list[dict[str, Tensor]], *, across_processes: bool = True
+    ) -> dict[str, Tensor]:
         """
         Args:
             outputs: ``pred_logits`` [B, Q, C+1 or C], ``pred_boxes`` [B, Q, 4] and optionally
                 ``aux_outputs`` (a list of such dicts for the earlier decoder layers),
                 ``num_groups``, ``enc_outputs`` and ``dn_outputs`` (see :class:`modules.detr.DETR`).
             targets: B dicts with ``labels`` [n_b] (0..C-1) and ``boxes`` [n_b, 4] normalised cxcywh.
+            across_processes: normalise by the box count averaged over DDP processes (an all-reduce:
+                training, where every rank runs every step); False for evaluation, which must run no
+                per-batch collective (ranks may hold different numbers of batches).
         """
-        num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
+        num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device, across_processes)
         groups = outputs.get("num_groups", 1)
         layers = [outputs, *outputs.get("aux_outputs", [])]
         if groups > 1:  # [B, G*Q] -> [B*G, Q]: image b's group g is "image" b*G+g, with b's targets

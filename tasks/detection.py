@@ -80,9 +80,11 @@ class DetectionTask(BaseTask):
     def forward(self, images: Tensor, pixel_mask: Tensor, targets: list[dict] | None = None) -> dict:
         return self.model(images, pixel_mask, targets)
 
-    def _losses(self, batch: dict) -> tuple[dict, dict[str, Tensor], Tensor]:
+    def _losses(self, batch: dict, training: bool = True) -> tuple[dict, dict[str, Tensor], Tensor]:
+        """Evaluation (``training=False``) normalises by this process's box count: no collective per
+        batch, since the unpadded evaluation sampler may give ranks different numbers of batches."""
         outputs = self(batch["images"], batch["pixel_mask"], batch["targets"])
-        losses = self.criterion(outputs, batch["targets"])
+        losses = self.criterion(outputs, batch["targets"], across_processes=training)
         return outputs, losses, weighted_loss(losses, self.loss_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -104,7 +106,7 @@ class DetectionTask(BaseTask):
         return postprocess(outputs, sizes, self.top_k, sigmoid=self.model.sigmoid_classes)
 
     def _eval_step(self, batch: dict, metric: CocoDetectionMetric, prefix: str) -> dict:
-        outputs, losses, loss = self._losses(batch)
+        outputs, losses, loss = self._losses(batch, training=False)
         bs = len(batch["targets"])
         self.log(f"{prefix}/loss", loss, batch_size=bs, sync_dist=True)
         for k in ("loss_ce", "loss_bbox", "loss_giou"):

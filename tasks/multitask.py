@@ -23,6 +23,7 @@ weight decay, betas and gradient clipping are the parent's (the children's are n
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
 from modules.multitask import TaskTransformer
@@ -135,6 +136,20 @@ class MultiTask(BaseTask):
         if missing:
             raise RuntimeError(f"parameters in no optimizer group: {missing[:5]}")
         return [g for g in groups if g["params"]]
+
+    def setup(self, stage: str) -> None:
+        """Under DDP, have it look for unused parameters: each step trains one task, so the other tasks'
+        adapters, queries and heads get no gradient (DDP would otherwise fail at the next step). Runs
+        before the strategy wraps the model."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            kwargs = getattr(strategy, "_ddp_kwargs", None)  # Lightning's DistributedDataParallel kwargs
+            if kwargs is None:
+                raise RuntimeError(
+                    "task=multitask under DDP needs find_unused_parameters=True, and this Lightning version "
+                    "hides DDPStrategy's kwargs: set trainer.strategy to DDPStrategy(find_unused_parameters=true)"
+                )
+            kwargs["find_unused_parameters"] = True
 
     # steps ----------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[str, dict], batch_idx: int) -> Tensor:

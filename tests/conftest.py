@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ TINY_MODEL = [
 TINY_DATA = [
     "data.num_train=16",
     "data.num_val=8",
+    "data.num_test=8",
     "data.image_size=64",
     "data.batch_size=4",
     "data.num_workers=0",
@@ -55,3 +59,20 @@ def make_cfg(tmp_path, cache_dir):
             return compose("train", overrides=base + list(overrides))
 
     return _make
+
+
+def run_train_script(args: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python train.py *args`` in the repository root, in its own process group. A run still going after
+    ``timeout`` seconds (a DDP hang, say) is killed with all its processes -- Lightning's DDP launcher
+    starts the other ranks as children -- and the calling test FAILS instead of blocking."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"train.py {' '.join(args[:3])} ... did not finish within {timeout:.0f} s (a hang?); "
+                    f"stderr tail:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

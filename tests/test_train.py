@@ -10,6 +10,7 @@ import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 
 from tasks.runtime import ConfigError
+from tests.conftest import run_train_script
 from train import train
 
 
@@ -95,27 +96,74 @@ def test_missing_data_root_is_explained(make_cfg, tmp_path):
 
 
 
+DDP_TINY = ["logger=csv", "data.image_size=64", "model.d_model=32", "model.nhead=4", "model.num_encoder_layers=1",
+            "model.num_decoder_layers=1", "model.dim_feedforward=64", "callbacks.progress_bar.refresh_rate=0"]
+
+
+def _ddp_paths(tmp_path, run) -> list[str]:
+    return [f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]
+
+
 def test_ddp_cpu_two_processes(tmp_path):
     """`trainer=ddp_cpu`: two gloo processes train, validate and write one set of checkpoints."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "trainer=ddp_cpu", "logger=csv", "trainer.max_epochs=1",
-           "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.num_train=32", "data.num_val=8",
-           "data.image_size=64", "data.batch_size=4", "model.d_model=32", "model.nhead=4", "model.num_encoder_layers=1",
-           "model.num_decoder_layers=1", "model.dim_feedforward=64", "test=false", f"paths.log_dir={tmp_path}",
-           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", "callbacks.progress_bar.refresh_rate=0"]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_train_script(["trainer=ddp_cpu", *DDP_TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                             "trainer.limit_val_batches=1", "data.num_train=32", "data.num_val=8",
+                             "data.batch_size=4", "test=false", *_ddp_paths(tmp_path, run)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "train_ddp_process_1.log").is_file()  # the second process really ran
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert proc.stdout.count("run folder:") + proc.stderr.count("run folder:") == 1  # rank 0 only
+
+
+def _last_logged(csv_path, keys: list[str]) -> dict[str, float]:
+    """The last value of each key in a CSVLogger metrics.csv."""
+    import csv
+
+    values: dict[str, float] = {}
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            values.update({k: float(row[k]) for k in keys if row.get(k) not in (None, "")})
+    return values
+
+
+@pytest.mark.slow
+def test_ddp_validation_with_uneven_ranks_finishes_and_matches_one_process(make_cfg, tmp_path):
+    """33 validation images, batch 16, 2 ranks: the unpadded EvalSampler gives rank 0 two batches and rank 1
+    one. Evaluation must run no per-batch collective (the box-count all-reduce of the training loss would
+    meet the other rank's end-of-epoch one and hang), and the mAP of both ranks' images together equals
+    that of one process evaluating the same checkpoint."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from datamodules.sampling import EvalSampler
+    from tasks.runtime import to_plain
+
+    assert [len(EvalSampler(range(33), 2, r)) for r in (0, 1)] == [17, 16]  # -> 2 and 1 batches of 16
+    data = ["data.num_train=32", "data.num_val=33", "data.batch_size=16", "model.num_queries=8"]
+    run = tmp_path / "run"
+    proc = run_train_script(["trainer=ddp_cpu", *DDP_TINY, *data, "trainer.max_epochs=1", "test=false",
+                             *_ddp_paths(tmp_path, run)], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = ["val/mAP", "val/mAP_50", "val/mAP_75", "val/mAR_100"]
+    ddp = _last_logged(run / "csv" / "version_0" / "metrics.csv", keys)
+    assert set(ddp) == set(keys), ddp
+
+    # one process, the same weights (last.ckpt is written after that validation), the same 33 images
+    cfg = make_cfg(*DDP_TINY, *data, "trainer.precision=32-true", tiny=False)
+    cfg.paths.cache_dir = str(tmp_path / "cache")
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    task = instantiate(cfg.task, model=to_plain(cfg.model), data_info=datamodule.data_info)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False)
+    single = trainer.validate(task, datamodule=datamodule, ckpt_path=str(run / "checkpoints" / "last.ckpt"),
+                              weights_only=True)[0]
+    assert ddp["val/mAR_100"] > 0  # something to compare: a wrong image count would change it
+    for k in keys:  # CSV holds 6+ significant digits; the same detections give the same COCO numbers
+        assert ddp[k] == pytest.approx(single[k], abs=1e-6), (k, ddp, single)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,3 +266,36 @@ def test_only_rank_zero_keeps_hydra_files():
         assert quiet_other_ranks(argv, env)[-2:] == ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     lightning_child = [*argv, "hydra.output_subdir=.pl_hydra_rank_1"]
     assert quiet_other_ranks(lightning_child, {"RANK": "1"}) == lightning_child
+
+
+def test_detr_original_recipes_verbatim_and_fair(make_cfg):
+    """`experiment=detr_original_shapes` is DETR's recipe verbatim (frozen BN, stem and layer1 frozen, trunk
+    LR 1e-5: settings for ImageNet weights); `detr_original_shapes_fair` differs from it only where a trunk
+    trained from scratch needs it: BatchNorm trains, the whole trunk trains, at the LR of the rest."""
+    from hydra.utils import instantiate
+    from torch import nn
+
+    from tasks.runtime import to_plain
+
+    info = {"num_classes": 3, "class_names": ["circle", "square", "triangle"], "category_ids": [1, 2, 3]}
+    tasks, cfgs = {}, {}
+    for name in ("detr_original_shapes", "detr_original_shapes_fair"):
+        cfgs[name] = make_cfg(f"experiment={name}", "logger=none")
+        tasks[name] = instantiate(cfgs[name].task, model=to_plain(cfgs[name].model), data_info=info)
+    verbatim, fair = tasks["detr_original_shapes"], tasks["detr_original_shapes_fair"]
+    changed = {("model", "frozen_bn"), ("model", "trainable_layers"), ("task", "lr_backbone")}
+    for group in ("model", "task", "data", "trainer"):
+        a, b = to_plain(cfgs["detr_original_shapes"][group]), to_plain(cfgs["detr_original_shapes_fair"][group])
+        assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {k for g, k in changed if g == group}
+
+    def lrs(task):
+        return {g["name"]: g["lr"] for g in task.param_groups()}
+
+    trunk = dict(verbatim.model.adapter.body.named_parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in verbatim.model.adapter.body.modules())
+    assert not any(p.requires_grad for n, p in trunk.items() if n.startswith(("0.", "4.")))  # conv1, layer1
+    assert lrs(verbatim) == {"main": 1e-4, "backbone": 1e-5}
+    body = fair.model.adapter.body
+    assert all(p.requires_grad for p in body.parameters())
+    assert sum(isinstance(m, nn.BatchNorm2d) and m.weight.requires_grad for m in body.modules()) == 20  # ResNet-18
+    assert lrs(fair) == {"main": 1e-4, "backbone": 1e-4}

@@ -84,3 +84,26 @@ def test_empty_targets_give_finite_loss_and_gradient():
 def test_weighted_loss_applies_base_weights_to_aux_terms():
     losses = {"loss_ce": torch.tensor(1.0), "loss_ce_0": torch.tensor(2.0), "loss_bbox": torch.tensor(3.0)}
     assert weighted_loss(losses, {"loss_ce": 2.0, "loss_bbox": 5.0}).item() == pytest.approx(2 + 4 + 15)
+
+
+def test_evaluation_loss_runs_no_collective(monkeypatch):
+    """Under DDP the training loss all-reduces the box count (once per call); ``across_processes=False``
+    (evaluation, where ranks may run different numbers of batches) must not, and normalises locally."""
+    import torch.distributed as dist
+
+    calls = []
+
+    def all_reduce(tensor, *args, **kwargs):  # a 2-process group in which the other rank holds 2 boxes
+        calls.append(tensor.clone())
+        tensor += 2.0
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    crit, out = SetCriterion(3, HungarianMatcher()), make_outputs(aux=0)
+    synced = crit(out, TARGETS)
+    assert len(calls) == 1 and calls[0].item() == 4.0
+    local = crit(out, TARGETS, across_processes=False)
+    assert len(calls) == 1  # no collective
+    # normaliser 4 (this rank's boxes) instead of (4 + 2) / 2 = 3
+    assert local["loss_bbox"].item() == pytest.approx(synced["loss_bbox"].item() * 3 / 4, rel=1e-6)

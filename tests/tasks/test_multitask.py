@@ -31,10 +31,12 @@ TINY = [
     "data.steps_per_epoch=6",
     "data.detection.num_train=8",
     "data.detection.num_val=4",
+    "data.detection.num_test=4",
     "data.detection.image_size=32",
     "data.detection.batch_size=4",
     "data.multilabel.num_train=8",
     "data.multilabel.num_val=4",
+    "data.multilabel.num_test=4",
     "data.multilabel.image_size=32",
     "data.multilabel.batch_size=4",
     "data.translation.vocab_size=400",
@@ -134,6 +136,29 @@ def test_checkpoint_round_trip_and_exact_resume(make_cfg, tmp_path):
     assert a["global_step"] == b["global_step"] == 12
     diff = max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
     assert diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_ddp_cpu_multitask_runs_end_to_end(tmp_path):
+    """`task=multitask trainer=ddp_cpu`: two gloo processes, one task per step (the other tasks' parameters
+    get no gradient that step, which DDP must be told to expect), validation and test of every task."""
+    import csv
+
+    from tests.conftest import run_train_script
+
+    run = tmp_path / "run"
+    proc = run_train_script([*TINY, "trainer=ddp_cpu", "logger=csv", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+                             "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path}",
+                             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "train_ddp_process_1.log").is_file()  # the second process really ran
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6  # two steps of each task
+    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k for row in rows for k, v in row.items() if v not in (None, "")}
+    assert SCORE_METRICS <= logged
+    assert {f"{name}/train/loss" for name in ("detection", "multilabel", "translation")} <= logged
 
 
 def _names(loader) -> list[str]:
