@@ -1,7 +1,8 @@
 """The embedded default detection data: coloured circles, squares and triangles written as real COCO.
 
-``generate_shapes_dataset`` writes ``images/*.png``, ``train.json`` and ``val.json`` (COCO detection
-format, category ids 1=circle, 2=square, 3=triangle). It is deterministic in its arguments and
+``generate_shapes_dataset`` writes ``images/*.png``, ``train.json``, ``val.json`` and ``test.json`` (COCO
+detection format, category ids 1=circle, 2=square, 3=triangle). The three splits are drawn from
+different random streams: validation chooses the checkpoint, the held-out test split reports it. It is deterministic in its arguments and
 written atomically, so ``ShapesDataModule`` can cache it under ``cache_dir/shapes-<hash>`` and then
 read it exactly like any other COCO dataset.
 """
@@ -183,13 +184,15 @@ def _write_split(
 
 
 def shapes_params(
-    num_train: int, num_val: int, image_size: int, min_objects: int, max_objects: int, seed: int
+    num_train: int, num_val: int, image_size: int, min_objects: int, max_objects: int, seed: int,
+    num_test: int = 200,
 ) -> dict[str, int]:
     """The generator parameters (plus generator version) that identify a cached dataset."""
     return {
         "version": GENERATOR_VERSION,
         "num_train": int(num_train),
         "num_val": int(num_val),
+        "num_test": int(num_test),
         "image_size": int(image_size),
         "min_objects": int(min_objects),
         "max_objects": int(max_objects),
@@ -211,15 +214,18 @@ def generate_shapes_dataset(
     min_objects: int = 1,
     max_objects: int = 5,
     seed: int = 0,
+    num_test: int = 200,
 ) -> Path:
-    """Write the synthetic COCO dataset to ``out_dir`` (``images/``, ``train.json``, ``val.json``).
+    """Write the synthetic COCO dataset to ``out_dir`` (``images/``, ``train.json``, ``val.json``,
+    ``test.json``). ``val.json`` does not depend on ``num_test`` (nor ``train.json``): each split has
+    its own random stream, and the test images follow the validation ones in image and annotation ids.
 
     Deterministic in its arguments. Written into a temporary sibling folder and renamed into place,
     so an interrupted run leaves no partial dataset; an existing ``out_dir`` with the completion
     marker is reused as is. Returns ``out_dir`` as a Path.
     """
-    if num_train < 0 or num_val < 0:
-        raise ValueError("num_train and num_val must be >= 0")
+    if num_train < 0 or num_val < 0 or num_test < 0:
+        raise ValueError("num_train, num_val and num_test must be >= 0")
     if not 0 <= min_objects <= max_objects:
         raise ValueError(f"need 0 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     if image_size < 16:
@@ -244,9 +250,11 @@ def generate_shapes_dataset(
         }
         train = _write_split(tmp, "train", 0, num_train, 1, 1, **common)
         val = _write_split(tmp, "val", 1, num_val, num_train + 1, len(train["annotations"]) + 1, **common)
-        for name, data in (("train.json", train), ("val.json", val)):
+        test = _write_split(tmp, "test", 2, num_test, num_train + num_val + 1,
+                            len(train["annotations"]) + len(val["annotations"]) + 1, **common)
+        for name, data in (("train.json", train), ("val.json", val), ("test.json", test)):
             (tmp / name).write_text(json.dumps(data) + "\n", encoding="utf-8")
-        params = shapes_params(num_train, num_val, image_size, min_objects, max_objects, seed)
+        params = shapes_params(num_train, num_val, image_size, min_objects, max_objects, seed, num_test)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n", encoding="utf-8")
         try:
             os.replace(tmp, out)
@@ -265,6 +273,10 @@ def _default_scales(image_size: int) -> list[int]:
 class ShapesDataModule(CocoDataModule):
     """``CocoDataModule`` on the generated shapes dataset cached at ``cache_dir/shapes-<hash>``
     (``target="multilabel"``: which of circle / square / triangle each image shows).
+
+    Checkpoints are chosen on ``val.json`` (``num_val`` images); ``trainer.test`` reports the held-out
+    ``test.json`` (``num_test`` images, another random stream). ``num_test=0`` writes no test images and
+    tests on the validation split (then the test numbers are not held out).
 
     Scale defaults follow ``image_size``: train shortest side in {0.875, 1, 1.125} × image_size
     (rounded to multiples of 8), val at image_size, longer side capped at 1.25 × image_size.
@@ -288,11 +300,14 @@ class ShapesDataModule(CocoDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         target: str = "detection",
+        num_test: int = 200,
     ) -> None:
-        self.generator_params = shapes_params(num_train, num_val, image_size, min_objects, max_objects, seed)
+        self.generator_params = shapes_params(num_train, num_val, image_size, min_objects, max_objects, seed,
+                                              num_test)
         root = Path(cache_dir) / shapes_cache_name(self.generator_params)
         super().__init__(
             root=str(root),
+            test_json="test.json" if num_test > 0 else None,
             batch_size=batch_size,
             num_workers=num_workers,
             train_scales=_default_scales(image_size) if train_scales is None else train_scales,
@@ -311,7 +326,8 @@ class ShapesDataModule(CocoDataModule):
         p = {k: v for k, v in self.generator_params.items() if k != "version"}
         generate_shapes_dataset(self.root, **p)
         print(
-            f"shapes dataset: wrote {p['num_train']}+{p['num_val']} images to {self.root} "
+            f"shapes dataset: wrote {p['num_train']}+{p['num_val']}+{p['num_test']} (train+val+test) images to "
+            f"{self.root} "
             f"in {time.perf_counter() - start:.1f}s"
         )
 

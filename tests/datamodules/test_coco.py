@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules.coco import (
@@ -20,6 +21,7 @@ from datamodules.coco import (
     DataError,
     MissingDataError,
     collate_detection,
+    load_coco_json,
     load_rgb_image,
     make_detection_transforms,
     to_rgb,
@@ -373,3 +375,21 @@ def test_corrupt_and_truncated_images_stop_the_run_at_setup(tmp_path: Path) -> N
     dm = CocoDataModule(str(tmp_path), batch_size=2, num_workers=0)
     with pytest.raises(DataError, match=r"2 image file\(s\) listed in .*train\.json cannot be read.*a\.png.*b\.png"):
         dm.setup("fit")
+
+
+def test_coco128_splits_are_disjoint_and_follow_the_readme_rule():
+    """data/coco128: sorted by file name, index i % 5 == 4 -> val, i % 5 == 2 -> test (held out), the rest
+    train (its README); the shipped config tests on test.json, not on the split that picks the checkpoint."""
+    root = Path(__file__).resolve().parents[2] / "data" / "coco128"
+    splits = {s: load_coco_json(root / f"{s}.json") for s in ("train", "val", "test")}
+    names = {s: {img["file_name"] for img in d["images"]} for s, d in splits.items()}
+    ordered = sorted(set().union(*names.values()))
+    assert len(ordered) == sum(len(n) for n in names.values()) == 128  # disjoint, all 128 images
+    for i, name in enumerate(ordered):
+        assert name in names["val" if i % 5 == 4 else "test" if i % 5 == 2 else "train"], (i, name)
+    assert [len(names[s]) for s in ("train", "val", "test")] == [77, 25, 26]
+    for split in ("train", "val", "test"):
+        mapping = json.loads((root / f"multilabel_{split}.json").read_text())
+        assert set(mapping) == names[split]
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "data" / "coco128.yaml")
+    assert (cfg.test_json, cfg.test_labels) == ("test.json", "multilabel_test.json")

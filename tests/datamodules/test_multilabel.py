@@ -77,20 +77,21 @@ def test_mapping_with_a_missing_image_is_explained(tmp_path):
 def test_coco128_mapping_files_agree_with_its_boxes():
     """The shipped multilabel_*.json give the same label sets as the COCO JSON's annotations."""
     root = ROOT / "data" / "coco128"
-    from_json = module(root)
-    from_map = module(root, train_labels="multilabel_train.json", val_labels="multilabel_val.json")
+    from_json = module(root, test_json="test.json")
+    from_map = module(root, test_json="test.json", train_labels="multilabel_train.json",
+                      val_labels="multilabel_val.json", test_labels="multilabel_test.json")
     for dm in (from_json, from_map):
-        dm.setup("fit")
-    assert from_map.data_info["num_classes"] == 80 and sum(c > 0 for c in from_map.data_info["label_counts"]) == 69
-    for split in ("train_dataset", "val_dataset"):
+        dm.setup(None)
+    assert from_map.data_info["num_classes"] == 80 and sum(c > 0 for c in from_map.data_info["label_counts"]) == 66
+    for split in ("train_dataset", "val_dataset", "test_dataset"):
         a, b = getattr(from_json, split), getattr(from_map, split)
         assert sorted((f, labels) for f, _, labels in a.entries) == [(f, labels) for f, _, labels in b.entries]
     assert from_json.data_info["label_counts"] == from_map.data_info["label_counts"]
-    assert [e[2] for e in from_map.train_dataset.entries if e[0] == "000000000250.jpg"] == [[]]
+    assert [e[2] for e in from_map.test_dataset.entries if e[0] == "000000000250.jpg"] == [[]]
 
 
 def test_shapes_multilabel(tmp_path):
-    dm = ShapesDataModule(str(tmp_path), num_train=6, num_val=4, image_size=32, batch_size=4, num_workers=0,
+    dm = ShapesDataModule(str(tmp_path), num_train=6, num_val=4, num_test=2, image_size=32, batch_size=4, num_workers=0,
                           target="multilabel")
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))

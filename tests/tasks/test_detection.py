@@ -21,7 +21,7 @@ SMALL = dict(backbone="resnet18", frozen_bn=False, trainable_layers=5, stride=16
 
 
 def overfit_batch(tmp_path):
-    root = generate_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=1, image_size=64,
+    root = generate_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=1, num_test=0, image_size=64,
                                    min_objects=1, max_objects=3, seed=3)
     dm = CocoDataModule(str(root), train_json="train.json", val_json="train.json", batch_size=2,
                         num_workers=0, train_scales=[64], val_scale=64, max_size=64)

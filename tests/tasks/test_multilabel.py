@@ -19,6 +19,7 @@ TINY = [
     "model.dim_feedforward=64",
     "data.num_train=8",
     "data.num_val=4",
+    "data.num_test=4",
     "data.image_size=32",
     "data.train_scales=[32]",
     "data.val_scale=32",
