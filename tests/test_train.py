@@ -145,7 +145,7 @@ def test_ddp_validation_with_uneven_ranks_finishes_and_matches_one_process(make_
     data = ["data.num_train=32", "data.num_val=33", "data.batch_size=16", "model.num_queries=8"]
     run = tmp_path / "run"
     proc = run_train_script(["trainer=ddp_cpu", *DDP_TINY, *data, "trainer.max_epochs=1", "test=false",
-                             *_ddp_paths(tmp_path, run)], timeout=240)
+                             *_ddp_paths(tmp_path, run)], timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     keys = ["val/mAP", "val/mAP_50", "val/mAP_75", "val/mAR_100"]
     ddp = _last_logged(run / "csv" / "version_0" / "metrics.csv", keys)

@@ -147,9 +147,9 @@ def test_ddp_cpu_multitask_runs_end_to_end(tmp_path):
     from tests.conftest import run_train_script
 
     run = tmp_path / "run"
-    proc = run_train_script([*TINY, "trainer=ddp_cpu", "logger=csv", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
-                             "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path}",
-                             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"], timeout=300)
+    proc = run_train_script([*TINY, "trainer=ddp_cpu", "logger=csv", "trainer.max_epochs=1",
+                             "trainer.log_every_n_steps=1", "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path}",
+                             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"], timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "train_ddp_process_1.log").is_file()  # the second process really ran
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
