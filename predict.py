@@ -63,6 +63,8 @@ def predict_images(predictor, cfg: DictConfig, out_dir: Path) -> list[dict]:
             skipped += problems
             bar.update(len(chunk) - len(loaded))
             rows = predictor.predict_loaded(loaded, cfg.threshold, cfg.batch_size, bar.update)
+            if cfg.attention:
+                draw_attention_images(predictor, loaded, cfg.threshold, out_dir / "attention")
             if cfg.save_images:
                 image_dir.mkdir(parents=True, exist_ok=True)
                 for (_, pil), row in zip(loaded, rows):
@@ -73,6 +75,28 @@ def predict_images(predictor, cfg: DictConfig, out_dir: Path) -> list[dict]:
     log.info(f"{len(results)} image(s) predicted, {len(skipped)} skipped: {output}"
              + (f"; annotated copies in {image_dir}" if cfg.save_images and results else ""))
     return results
+
+
+def draw_attention_images(predictor, loaded: list, threshold: float | None, folder: Path) -> None:
+    """``<folder>/<image name>.png``: each kept detection's attention beside its box (detection only)."""
+    from tasks.attention import draw_detection_attention
+
+    if predictor.task_name != "detection":
+        raise ConfigError("attention=true draws detection and translation attention; this is a "
+                          f"{predictor.task_name} checkpoint")
+    for (_, pil), row in zip(loaded, predictor.attention(loaded, threshold)):
+        names = [f"{label} {score:.2f}" for label, score in zip(row["labels"], row["scores"])]
+        draw_detection_attention(pil, row["maps"], row["boxes"], names, _unique(folder, Path(row["file"]).stem + ".png"))
+
+
+def draw_attention_lines(predictor, lines: list[str], decoding: dict, folder: Path) -> None:
+    """``<folder>/line<N>.png``: source x translation cross-attention of each non-empty line N (from 1)."""
+    from tasks.attention import draw_translation_attention
+
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            weights, source, target = predictor.attention(line, **decoding)
+            draw_translation_attention(weights, source, target, folder / f"line{number:05d}.png")
 
 
 def _unique(folder: Path, name: str) -> Path:
@@ -102,6 +126,8 @@ def translate_text(predictor, cfg: DictConfig, out_dir: Path) -> list[str] | Non
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}).") from e
     translations = predictor.translate(lines, batch_size=cfg.batch_size, **decoding)
+    if cfg.attention:
+        draw_attention_lines(predictor, lines, decoding, out_dir / "attention")
     text = "".join(f"{t}\n" for t in translations)
     if cfg.output == "-":
         sys.stdout.write(text)

@@ -139,6 +139,10 @@ class MarianVocab:
         """Model ids of a target sentence (target SentencePiece and vocabulary), without ``</s>``."""
         return self._encode(text, self._target, self.target_vocab or self.source_vocab)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The target-side piece of ``token_id`` (None when unknown)."""
+        return self._pieces.get(token_id)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of target ids; special tokens (pad, eos, unk, decoder start) dropped."""
         pieces = [self._pieces[i] for i in map(int, ids) if i not in self._skip and i in self._pieces]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -236,6 +237,31 @@ class Detector(ImagePredictor):
         return rows
 
 
+    def attention(self, loaded: list, threshold: float | None = None) -> list[dict]:
+        """Per image of ``loaded`` (``load_images``): its kept detections' last-decoder-layer
+        cross-attention, ``maps`` ``[K, h, w]`` in [0, 1] over the resized image, with their ``boxes``
+        (pixel xyxy of the original image), ``labels`` and ``scores``."""
+        from .attention import kept_queries, last_cross_attention, token_maps
+
+        task, names, thr = self.task, self.class_names, 0.5 if threshold is None else float(threshold)
+        result = []
+        for start in range(0, len(loaded), self.batch_size):
+            chunk = loaded[start:start + self.batch_size]
+            batch = self._batch([pil for _, pil in chunk], self.transform())
+            with torch.inference_mode(), self.autocast(), last_cross_attention(task.model.transformer) as seen:
+                outputs = task(batch["images"], batch["pixel_mask"])
+            kept = kept_queries(outputs, task.model, thr, task.top_k)
+            for i, ((name, pil), rows) in enumerate(zip(chunk, kept)):
+                queries = [q for q, _, _ in rows]
+                cxcywh = outputs["pred_boxes"][i, queries].float().cpu()
+                scale = torch.tensor([pil.width, pil.height, pil.width, pil.height], dtype=torch.float32)
+                boxes = (torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1) * scale)
+                result.append({"file": name, "maps": token_maps(seen[-1][i].cpu(), batch["pixel_mask"][i].cpu(), queries),
+                               "boxes": boxes.tolist(), "labels": [names[c] for _, c, _ in rows],
+                               "scores": [s for _, _, s in rows]})
+        return result
+
+
 class Tagger(ImagePredictor):
     def _run(self, batch: dict, threshold: float | None) -> list[dict]:
         scores, predicted = self.task.predict(batch["images"], batch["pixel_mask"])
@@ -270,6 +296,22 @@ class Translator(Predictor):
                 for i, text in zip(idx, self.task.translate([sentences[i] for i in idx], **decoding)):
                     out[i] = text
         return out
+
+
+    def attention(self, sentence: str, **decoding) -> tuple[Tensor, list[str], list[str]]:
+        """The translation of ``sentence`` and its last-decoder-layer cross-attention (head-averaged):
+        (``[T, S]`` weights, source tokens, output tokens), EOS included on both sides."""
+        task = self.task
+        src_ids = task.source_ids(sentence) + [task.eos_id]
+        src = torch.tensor([src_ids], device=self.device)
+        with torch.inference_mode(), self.autocast():
+            hyp = task.translate_ids(src, src == task.pad_id, **decoding)[0]
+            tgt_in = torch.tensor([[task.bos_id, *hyp]], device=self.device)
+            out = task.model(src, src == task.pad_id, tgt_in, need_attn=True)
+        return out["cross_attn"][0].float().cpu(), self.pieces(src_ids), self.pieces([*hyp, task.eos_id])
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        return [self.task.tokenizer.id_to_token(i) or str(i) for i in ids]
 
 
 PREDICTORS = {"detection": Detector, "multilabel": Tagger, "translation": Translator}

@@ -117,6 +117,7 @@ class PredictSchema:
     threshold: float | None = None
     batch_size: int = 8
     save_images: bool = True
+    attention: bool = False
     decoding: Any = None
     paths: PathsSchema = field(default_factory=PathsSchema)
 

@@ -262,3 +262,35 @@ def test_multitask_checkpoint_takes_task_name(tmp_path):
     predictions = json.loads((tmp_path / "p" / "predictions.json").read_text())
     assert len(predictions) == 4 and all("boxes" in p for p in predictions)
     assert not (tmp_path / "p" / "images").exists()
+
+
+@pytest.mark.slow
+def test_predict_draws_detection_attention(detection_run, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in sorted(os.listdir(detection_run["root"] / "images"))[:2]:
+        (folder / name).write_bytes((detection_run["root"] / "images" / name).read_bytes())
+    out = tmp_path / "p"
+    run("predict.py", f"ckpt_path={detection_run['ckpt']}", f"input={folder}", "threshold=0.0", "attention=true",
+        "save_images=false", f"hydra.run.dir={out}")
+    pictures = sorted(p.name for p in (out / "attention").iterdir())
+    assert pictures == sorted(Path(n).stem + ".png" for n in os.listdir(folder))
+    assert all(Image.open(out / "attention" / p).size[0] > 100 for p in pictures)
+
+
+@pytest.mark.slow
+def test_translation_attention_is_target_by_source_and_drawn(translation_ckpt, tmp_path):
+    from tasks.api import load
+
+    translator = load(translation_ckpt, device="cpu")
+    weights, source, target = translator.attention("A man in a blue shirt.")
+    assert weights.shape == (len(target), len(source)) and source[-1] == target[-1]  # both end with EOS
+    assert torch.allclose(weights.sum(-1), torch.ones(len(target)), atol=1e-5)
+    single, source1, _ = translator.attention("")  # only EOS to read: every row attends to it alone
+    assert len(source1) == 1 and torch.allclose(single, torch.ones_like(single))
+    src = tmp_path / "in.en"
+    src.write_text("A man in a blue shirt.\n\nTwo dogs.\n", encoding="utf-8")
+    out = tmp_path / "p"
+    run("predict.py", f"ckpt_path={translation_ckpt}", f"input={src}", f"output={tmp_path / 'out.de'}",
+        "attention=true", f"hydra.run.dir={out}")
+    assert sorted(p.name for p in (out / "attention").iterdir()) == ["line00001.png", "line00003.png"]
