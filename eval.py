@@ -79,6 +79,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
             result = evaluate_multilabel(predictor, datamodule, cfg.split, out_dir, progress)
         else:
             result = evaluate_translation(predictor, datamodule, cfg.split, out_dir, to_plain(cfg.decoding), progress)
+    if cfg.attention:
+        result["plots"] += attention_pictures(predictor, datamodule, cfg, out_dir / "attention")
     trained = predictor.meta.get("metrics") or {}
     prefix = f"{cfg.task_name}/" if predictor.meta.get("task") == "multitask" else ""
     summary = {"checkpoint": predictor.path, "task": predictor.task_name, "split": cfg.split, **result["metrics"],
@@ -90,6 +92,23 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     if cfg.logger and cfg.logger.get("wandb"):
         _log_wandb(cfg, predictor, summary, result, out_dir)
     return result
+
+
+def attention_pictures(predictor, datamodule, cfg: DictConfig, folder: Path) -> list[Path]:
+    """Attention pictures of the split's first ``cfg.attention_samples`` images or sentences."""
+    from tasks.attention import draw_image_attention, draw_sentence_attention
+    from tasks.evaluation import split_dataset
+
+    dataset, _ = split_dataset(datamodule, cfg.split)
+    count = min(cfg.attention_samples, len(dataset))
+    if predictor.task_name == "translation":
+        lines = [dataset[i]["src_text"] for i in range(count)]
+        return draw_sentence_attention(predictor, lines, to_plain(cfg.decoding) or {}, folder)
+    if predictor.task_name != "detection":
+        raise ConfigError(f"attention=true draws detection and translation attention, not {predictor.task_name}")
+    files = [Path(dataset.root) / dataset.coco.imgs[i]["file_name"] for i in dataset.ids[:count]]
+    loaded, _ = predictor.load_images(files)
+    return draw_image_attention(predictor, loaded, cfg.score_threshold, folder)
 
 
 class _progress:

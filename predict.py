@@ -48,6 +48,7 @@ def expand_input(spec: str) -> list[str]:
 def predict_images(predictor, cfg: DictConfig, out_dir: Path) -> list[dict]:
     from tqdm import tqdm
 
+    from tasks.attention import draw_image_attention
     from tasks.draw import draw_predictions
 
     files = expand_input(cfg.input)
@@ -64,7 +65,7 @@ def predict_images(predictor, cfg: DictConfig, out_dir: Path) -> list[dict]:
             bar.update(len(chunk) - len(loaded))
             rows = predictor.predict_loaded(loaded, cfg.threshold, cfg.batch_size, bar.update)
             if cfg.attention:
-                draw_attention_images(predictor, loaded, cfg.threshold, out_dir / "attention")
+                draw_image_attention(predictor, loaded, cfg.threshold, out_dir / "attention")
             if cfg.save_images:
                 image_dir.mkdir(parents=True, exist_ok=True)
                 for (_, pil), row in zip(loaded, rows):
@@ -75,28 +76,6 @@ def predict_images(predictor, cfg: DictConfig, out_dir: Path) -> list[dict]:
     log.info(f"{len(results)} image(s) predicted, {len(skipped)} skipped: {output}"
              + (f"; annotated copies in {image_dir}" if cfg.save_images and results else ""))
     return results
-
-
-def draw_attention_images(predictor, loaded: list, threshold: float | None, folder: Path) -> None:
-    """``<folder>/<image name>.png``: each kept detection's attention beside its box (detection only)."""
-    from tasks.attention import draw_detection_attention
-
-    if predictor.task_name != "detection":
-        raise ConfigError("attention=true draws detection and translation attention; this is a "
-                          f"{predictor.task_name} checkpoint")
-    for (_, pil), row in zip(loaded, predictor.attention(loaded, threshold)):
-        names = [f"{label} {score:.2f}" for label, score in zip(row["labels"], row["scores"])]
-        draw_detection_attention(pil, row["maps"], row["boxes"], names, _unique(folder, Path(row["file"]).stem + ".png"))
-
-
-def draw_attention_lines(predictor, lines: list[str], decoding: dict, folder: Path) -> None:
-    """``<folder>/line<N>.png``: source x translation cross-attention of each non-empty line N (from 1)."""
-    from tasks.attention import draw_translation_attention
-
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            weights, source, target = predictor.attention(line, **decoding)
-            draw_translation_attention(weights, source, target, folder / f"line{number:05d}.png")
 
 
 def _unique(folder: Path, name: str) -> Path:
@@ -110,6 +89,8 @@ def _unique(folder: Path, name: str) -> Path:
 
 
 def translate_text(predictor, cfg: DictConfig, out_dir: Path) -> list[str] | None:
+    from tasks.attention import draw_sentence_attention
+
     decoding = to_plain(cfg.decoding) or {}
     if cfg.input == "-":  # interactive / pipe: one line in, one line out, at once
         for line in iter(sys.stdin.readline, ""):
@@ -127,7 +108,7 @@ def translate_text(predictor, cfg: DictConfig, out_dir: Path) -> list[str] | Non
         raise DataError(f"{path}: not UTF-8 text ({e}).") from e
     translations = predictor.translate(lines, batch_size=cfg.batch_size, **decoding)
     if cfg.attention:
-        draw_attention_lines(predictor, lines, decoding, out_dir / "attention")
+        draw_sentence_attention(predictor, lines, decoding, out_dir / "attention")
     text = "".join(f"{t}\n" for t in translations)
     if cfg.output == "-":
         sys.stdout.write(text)
@@ -149,6 +130,9 @@ def predict(cfg: DictConfig):
     if cfg.decoding:
         raise ConfigError("decoding.* settings are for translation checkpoints; this one is "
                           f"{predictor.task_name}")
+    if cfg.attention and predictor.task_name != "detection":
+        raise ConfigError(f"attention=true draws detection and translation attention; this is a {predictor.task_name} "
+                          "checkpoint")
     return predict_images(predictor, cfg, out_dir)
 
 

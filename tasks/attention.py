@@ -106,3 +106,35 @@ def draw_translation_attention(weights: Tensor, source: list[str], target: list[
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def draw_image_attention(predictor, loaded: list, threshold: float | None, folder: Path) -> list[Path]:
+    """``<folder>/<image name>.png`` per image of ``loaded`` (``load_images``): each kept detection's
+    attention beside its box. Detection checkpoints only."""
+    if predictor.task_name != "detection":
+        raise ValueError(f"attention pictures are drawn for detection and translation, not {predictor.task_name}")
+    paths = []
+    for (_, pil), row in zip(loaded, predictor.attention(loaded, threshold)):
+        names = [f"{label} {score:.2f}" for label, score in zip(row["labels"], row["scores"])]
+        path = _free_name(folder, Path(row["file"]).stem)
+        draw_detection_attention(pil, row["maps"], row["boxes"], names, path)
+        paths.append(path)
+    return paths
+
+
+def draw_sentence_attention(predictor, lines: list[str], decoding: dict, folder: Path) -> list[Path]:
+    """``<folder>/line<N>.png``: the source x translation cross-attention of each non-empty line N (from 1)."""
+    paths = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            weights, source, target = predictor.attention(line, **decoding)
+            paths.append(folder / f"line{number:05d}.png")
+            draw_translation_attention(weights, source, target, paths[-1])
+    return paths
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    path, n = folder / f"{stem}.png", 1
+    while path.exists():
+        path, n = folder / f"{stem}_{n}.png", n + 1
+    return path

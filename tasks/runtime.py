@@ -98,6 +98,8 @@ class EvalSchema:
     device: str = "auto"
     precision: str | None = "32"
     score_threshold: float = 0.5
+    attention: bool = False
+    attention_samples: int = 8
     decoding: Any = None
     logger: Any = None
     paths: PathsSchema = field(default_factory=PathsSchema)

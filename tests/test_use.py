@@ -294,3 +294,13 @@ def test_translation_attention_is_target_by_source_and_drawn(translation_ckpt, t
     run("predict.py", f"ckpt_path={translation_ckpt}", f"input={src}", f"output={tmp_path / 'out.de'}",
         "attention=true", f"hydra.run.dir={out}")
     assert sorted(p.name for p in (out / "attention").iterdir()) == ["line00001.png", "line00003.png"]
+
+
+@pytest.mark.slow
+def test_eval_draws_attention_of_the_first_samples(detection_run, translation_ckpt, tmp_path):
+    run("eval.py", f"ckpt_path={detection_run['ckpt']}", "logger=none", "attention=true", "attention_samples=2",
+        "score_threshold=0.0", f"hydra.run.dir={tmp_path / 'd'}")
+    assert len(list((tmp_path / "d" / "attention").glob("*.png"))) == 2
+    run("eval.py", f"ckpt_path={translation_ckpt}", "logger=none", "attention=true", "attention_samples=2",
+        "decoding.max_len_b=3", f"hydra.run.dir={tmp_path / 't'}")
+    assert sorted(p.name for p in (tmp_path / "t" / "attention").iterdir()) == ["line00001.png", "line00002.png"]
