@@ -34,6 +34,9 @@ from .base import CHECKPOINT_KEY, BaseTask
 from .runtime import ConfigError
 
 SUPPORTED_TASKS = ("detection", "multilabel", "translation", "multitask")
+# Detection checkpoints written before ``position_offset`` was a setting were all trained with the
+# cell-centre sine positions (0.5); the setting's default is now DETR's (0.0).
+LEGACY_POSITION_OFFSET = 0.5
 WEIGHT_SOURCES = ("pretrained_backbone", "init_from")  # weight files/names read when a model is first built
 PRECISIONS = {"32": None, "32-true": None, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
               "16": torch.float16, "16-mixed": torch.float16}
@@ -91,6 +94,8 @@ def build_task(ckpt: dict) -> BaseTask:
     meta = ckpt[CHECKPOINT_KEY]
     hparams = dict(ckpt["hyper_parameters"])
     hparams["model"] = without_weight_sources(hparams["model"])
+    if meta["task"] == "detection" and "position_offset" not in hparams["model"]:
+        hparams["model"] = {**hparams["model"], "position_offset": LEGACY_POSITION_OFFSET}
     task = task_classes()[meta["task"]](**hparams)
     task.load_state_dict(ckpt["state_dict"], strict=True)
     task.remember_data(meta.get("data"), meta.get("preprocessing"))

@@ -97,3 +97,13 @@ def test_weight_sources_are_dropped_at_any_depth_and_multitask_needs_a_task_name
     assert pick_task(FakeMulti(), "translation") == ("translation", "translation")
     with pytest.raises(ConfigError, match=re.escape("task_name=<detection|translation>")):
         pick_task(FakeMulti(), None)
+
+
+def test_a_checkpoint_from_before_position_offset_keeps_the_cell_centre_positions(tmp_path):
+    write_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    assert load(tmp_path / "new.ckpt", device="cpu").task.model.adapter.position_offset == \
+        ckpt["hyper_parameters"]["model"].get("position_offset", 0.5)
+    ckpt["hyper_parameters"]["model"].pop("position_offset", None)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert load(tmp_path / "old.ckpt", device="cpu").task.model.adapter.position_offset == 0.5
