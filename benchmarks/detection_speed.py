@@ -67,11 +67,19 @@ class Setting:
     dim_feedforward: int
     num_queries: int
     num_classes: int
+    image_width: int | None = None  # None: square images of image_size
+    stride: int = 32
+    dropout: float = 0.1
 
 
 SETTINGS = {
     "detr-r50": Setting("resnet50", 512, 2, 256, 6, 6, 8, 2048, 100, 91),
     "detr-r18-small": Setting("resnet18", 256, 8, 128, 3, 3, 8, 512, 20, 4),
+    # real sizes (docs/real-sizes.md): DETR-R50 at a COCO-sized image, and the shipped stride-16
+    # configs/model/detr_small.yaml architecture (dropout 0) at DETR's 800 px scale of a 4:3 photo
+    "detr-r50-800x1200": Setting("resnet50", 800, 2, 256, 6, 6, 8, 2048, 100, 91, image_width=1200),
+    "detr-small-800x1067": Setting("resnet18", 800, 8, 128, 3, 3, 8, 512, 20, 91, image_width=1067,
+                                   stride=16, dropout=0.0),
 }
 
 
@@ -154,18 +162,18 @@ def random_targets(batch_size: int, num_classes: int, g: torch.Generator) -> lis
     return targets
 
 
-def make_batches(setting: Setting, image_size: int, seed: int, device: torch.device) -> list[dict]:
-    """``NUM_BATCHES`` fixed batches: normalised random images, no padding, random targets."""
+def make_batches(setting: Setting, image_hw: tuple[int, int], seed: int, device: torch.device) -> list[dict]:
+    """``NUM_BATCHES`` fixed batches: normalised random ``[B, 3, H, W]`` images, no padding, random targets."""
     g = torch.Generator().manual_seed(seed)
-    batches = []
+    batches, (h, w) = [], image_hw
     for _ in range(NUM_BATCHES):
-        images = torch.randn(setting.batch_size, 3, image_size, image_size, generator=g)
+        images = torch.randn(setting.batch_size, 3, h, w, generator=g)
         targets = random_targets(setting.batch_size, setting.num_classes, g)
         batches.append({
             "images": images.to(device),
-            "pixel_mask": torch.zeros(setting.batch_size, image_size, image_size, dtype=torch.bool, device=device),
+            "pixel_mask": torch.zeros(setting.batch_size, h, w, dtype=torch.bool, device=device),
             "targets": [{k: v.to(device) for k, v in t.items()} for t in targets],
-            "sizes": torch.tensor([[image_size, image_size]] * setting.batch_size, device=device),
+            "sizes": torch.tensor([[h, w]] * setting.batch_size, device=device),
         })
     return batches
 
@@ -186,8 +194,8 @@ def build_impl(name: str, s: Setting, args: argparse.Namespace, device: torch.de
         model = build_detr(
             s.num_classes, backbone=s.backbone, d_model=s.d_model, nhead=s.nhead,
             num_encoder_layers=s.num_encoder_layers, num_decoder_layers=s.num_decoder_layers,
-            dim_feedforward=s.dim_feedforward, num_queries=s.num_queries, dropout=0.1,
-            fuse_frozen_bn=args.fuse_bn, channels_last=args.channels_last,
+            dim_feedforward=s.dim_feedforward, num_queries=s.num_queries, dropout=s.dropout,
+            fuse_frozen_bn=args.fuse_bn, channels_last=args.channels_last, stride=s.stride,
         ).to(device)
         matcher = HungarianMatcher(*MATCH_COSTS)
         criterion = SetCriterion(s.num_classes, matcher, eos_coef=0.1).to(device)
@@ -207,7 +215,7 @@ def build_impl(name: str, s: Setting, args: argparse.Namespace, device: torch.de
     elif name == "reference":
         model = build_reference_detr(
             s.num_classes, s.backbone, s.d_model, s.nhead, s.num_encoder_layers, s.num_decoder_layers,
-            s.dim_feedforward, s.num_queries, dropout=0.1,
+            s.dim_feedforward, s.num_queries, dropout=s.dropout, stride=s.stride,
         ).to(device)
         matcher = reference_matcher(*MATCH_COSTS)
         criterion = ReferenceCriterion(s.num_classes, matcher, eos_coef=0.1).to(device)
@@ -267,10 +275,10 @@ def run_one(setting_name: str, impl_name: str, args: argparse.Namespace) -> dict
         torch.set_num_threads(args.threads)
     rss_start = max_rss_mib()
     s = SETTINGS[setting_name]
-    image_size = QUICK_IMAGE_SIZE if args.quick else s.image_size
+    image_hw = (QUICK_IMAGE_SIZE,) * 2 if args.quick else (s.image_size, s.image_width or s.image_size)
     torch.manual_seed(args.seed)
     impl = build_impl(impl_name, s, args, device)
-    batches = make_batches(s, image_size, args.seed, device)
+    batches = make_batches(s, image_hw, args.seed, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -315,7 +323,7 @@ def run_one(setting_name: str, impl_name: str, args: argparse.Namespace) -> dict
         "precision": "bf16" if impl.autocast_dtype is torch.bfloat16 else "fp32",
         "channels_last": args.channels_last if impl_name == "ours" else False,
         "fuse_bn": args.fuse_bn if impl_name == "ours" else False,
-        "image_size": image_size,
+        "image_size": list(image_hw),
         "batch_size": s.batch_size,
         "threads": torch.get_num_threads(),
         "warmup": args.warmup,

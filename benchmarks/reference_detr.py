@@ -67,9 +67,10 @@ def pairwise_giou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ backbone
 class ReferenceBackbone(nn.Module):
-    """ResNet trunk up to layer4 with unfused frozen BatchNorm; NCHW throughout."""
+    """ResNet trunk up to layer4 (``stride`` 32; 16: up to layer3, as ours) with unfused frozen
+    BatchNorm; NCHW throughout."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, stride: int = 32) -> None:
         super().__init__()
         if name not in _TRUNK_CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_TRUNK_CHANNELS)}")
@@ -77,8 +78,9 @@ class ReferenceBackbone(nn.Module):
         for pname, p in trunk.named_parameters():
             if not any(stage in pname for stage in ("layer2", "layer3", "layer4")):
                 p.requires_grad_(False)
-        self.body = IntermediateLayerGetter(trunk, return_layers={"layer4": "0"})
-        self.num_channels = _TRUNK_CHANNELS[name]
+        last = {32: "layer4", 16: "layer3"}[stride]
+        self.body = IntermediateLayerGetter(trunk, return_layers={last: "0"})
+        self.num_channels = _TRUNK_CHANNELS[name] // (32 // stride)
 
     def forward(
         self,
@@ -260,12 +262,13 @@ def build_reference_detr(
     dim_feedforward: int = 2048,
     num_queries: int = 100,
     dropout: float = 0.1,
+    stride: int = 32,
 ) -> ReferenceDETR:
     """The original DETR's architecture (random initialisation; pretrained weights do not change speed)."""
     transformer = ReferenceTransformer(
         d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout
     )
-    return ReferenceDETR(ReferenceBackbone(backbone), transformer, num_classes, num_queries, aux_loss=True)
+    return ReferenceDETR(ReferenceBackbone(backbone, stride), transformer, num_classes, num_queries, aux_loss=True)
 
 
 def reference_param_groups(model: ReferenceDETR, lr: float = 1e-4, lr_backbone: float = 1e-5) -> list[dict]:

@@ -4,7 +4,9 @@ One class serves every task. Detection feeds image tokens to the encoder and lea
 to the decoder (all decoded in parallel); translation feeds source tokens and shifted target tokens
 with a causal mask (decoded step by step with the cache). Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention``, except where ``MultiheadAttention._attend``
-says why two explicit matmuls serve better (decoding steps with the cache among them).
+says why two explicit matmuls serve better (decoding steps with the cache among them); where those
+would hold more than ``ATTENTION_SCORE_BUDGET`` bytes of scores, :func:`attention_path` picks a
+computation whose memory is linear in the sequence lengths.
 
 Mask convention (everywhere in this package): a bool mask is True where attention is **blocked**
 (padding, future positions), like ``pixel_mask`` and ``src_padding_mask`` in the data contracts.
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend
+from torch.utils.checkpoint import checkpoint
 
 from .dropout import Dropout, dropout
 from .packed import linear
@@ -98,6 +102,112 @@ def _append(cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return buf_k[:, :, : n + t], buf_v[:, :, : n + t]
 
 
+# Bytes the explicit attention path may allocate for one call's [B, H, T, S] scores and probabilities
+# before it runs block by block over the queries instead (chunked_attention): enough that decoding
+# steps, translation batches and 128 px detection never split, small next to a CPU's memory.
+ATTENTION_SCORE_BUDGET = 16 * 2**20
+
+
+def explicit_bytes(q: Tensor, s: int, dropout_p: float) -> int:
+    """Bytes that :func:`explicit_attention` allocates for ``q`` ``[B, H, T, Dh]`` against ``s`` keys:
+    the scores (q's dtype), their float32 softmax (after a float32 copy when q is reduced precision),
+    the probabilities cast back, and with dropout its bool mask and the dropped probabilities."""
+    e = q.element_size()
+    per_score = e + 4 + (4 + e if e < 4 else 0) + (1 + e if dropout_p > 0 else 0)
+    return q.shape[:-1].numel() * s * per_score
+
+
+def sdpa_memory_efficient(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                          is_causal: bool) -> bool:
+    """Whether SDPA would run a fused kernel here (flash / memory-efficient / cuDNN: memory linear in
+    the sequence lengths) rather than its math fallback, which materialises the ``[B, H, T, S]``
+    scores (on CPU: with dropout; on CUDA: shapes or dtypes no fused kernel takes). Asked of torch's
+    own dispatcher for this device, dtype, mask and dropout."""
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal and attn_mask is None)
+    except (AttributeError, RuntimeError):  # no such query in this torch: assume the math fallback
+        return False
+    return choice not in (SDPBackend.MATH.value, SDPBackend.ERROR.value)
+
+
+def attention_path(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                   dropout_p: float, *, prefer_explicit: bool, keys_transposed: bool = False,
+                   need_weights: bool = False) -> str:
+    """``"explicit"``, ``"sdpa"`` or ``"chunked"``: the computation of one attention call, chosen by
+    the bytes the explicit path would allocate. Within ``ATTENTION_SCORE_BUDGET``: the explicit path
+    where it is preferred (``MultiheadAttention._attend`` says when), else SDPA. Beyond it: SDPA where
+    torch runs a fused, memory-efficient kernel for this device, dtype, mask and dropout (on CPU:
+    flash attention, fp32 or bf16, without dropout), else the explicit computation in blocks.
+    Only ``need_weights`` keeps the full explicit path at any size: the weights are the result."""
+    if need_weights:
+        return "explicit"
+    if explicit_bytes(q, v.shape[-2], dropout_p) <= ATTENTION_SCORE_BUDGET:
+        reduced = q.dtype in (torch.bfloat16, torch.float16)
+        cpu_explicit = q.device.type == "cpu" and (dropout_p > 0 or reduced)
+        return "explicit" if prefer_explicit or keys_transposed or cpu_explicit else "sdpa"
+    if not keys_transposed and sdpa_memory_efficient(q, k, v, attn_mask, dropout_p, is_causal):
+        return "sdpa"
+    return "chunked"
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                       keys_transposed: bool = False) -> tuple[Tensor, Tensor]:
+    """Two batched matmuls and a float32 softmax: (output ``[B, H, T, Dh]``, weights ``[B, H, T, S]``).
+
+    ``k`` is ``[B, H, S, Dh]``, or ``[B, H, Dh, S]`` with ``keys_transposed``; ``attn_mask`` is bool
+    (True = may attend), broadcastable to ``[B, H, T, S]``."""
+    # q scaled first: the product is contiguous, which the batched matmul needs anyway (a step's q
+    # is a strided slice of the fused projection), so the scaling costs no extra pass
+    scores = (q * q.shape[-1] ** -0.5) @ (k if keys_transposed else k.transpose(-2, -1))
+    if attn_mask is not None:
+        scores = scores.masked_fill_(~attn_mask, float("-inf"))
+    probs = scores.float().softmax(-1)
+    return dropout(probs.to(v.dtype), dropout_p) @ v, probs
+
+
+def _attention_block(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                     keys_transposed: bool) -> Tensor:
+    return explicit_attention(q, k, v, attn_mask, dropout_p, keys_transposed)[0]
+
+
+def _score_blocks(b: int, h: int, t: int, pair_bytes: int, budget: int) -> list[tuple[slice, slice, slice]]:
+    """(batch, head, query) slices covering ``[b, h, t]`` whose scores fit ``budget`` bytes (one
+    (row, head) pair's scores being ``pair_bytes``): whole heads where they fit (batched matmuls run
+    fastest with every query of a head), else one head's queries in row blocks."""
+    everything = slice(None)
+    if pair_bytes > budget:
+        rows = max(1, budget * t // pair_bytes)
+        return [(slice(i, i + 1), slice(j, j + 1), slice(r, r + rows))
+                for i in range(b) for j in range(h) for r in range(0, t, rows)]
+    pairs = budget // pair_bytes
+    if pairs >= h:
+        step = pairs // h
+        return [(slice(i, i + step), everything, everything) for i in range(0, b, step)]
+    return [(slice(i, i + 1), slice(j, j + pairs), everything) for i in range(b) for j in range(0, h, pairs)]
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                      keys_transposed: bool = False, budget: int | None = None) -> Tensor:
+    """:func:`explicit_attention`'s output ``[B, H, T, Dh]``, computed in blocks of (rows, heads,
+    queries) whose scores fit ``budget`` bytes (default ``ATTENTION_SCORE_BUDGET``). Under autograd
+    each block is checkpointed: backward recomputes its scores (replaying its dropout draws) instead
+    of keeping them, so neither pass holds more than one block's scores."""
+    b, h, t, _ = q.shape
+    budget = ATTENTION_SCORE_BUDGET if budget is None else budget
+    pair_bytes = max(1, explicit_bytes(q, v.shape[-2], dropout_p) // (b * h))
+    mask = None if attn_mask is None else attn_mask[(None,) * (4 - attn_mask.dim())]
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    for rows, heads, queries in _score_blocks(b, h, t, pair_bytes, budget):
+        m = None
+        if mask is not None:  # slice only the dimensions the mask has (the others broadcast)
+            m = mask[tuple(s if n > 1 else slice(None) for s, n in zip((rows, heads, queries), mask.shape))]
+        args = (q[rows, heads, queries], k[rows, heads], v[rows, heads], m, dropout_p, keys_transposed)
+        out[rows, heads, queries] = checkpoint(_attention_block, *args, use_reentrant=False) if grad \
+            else _attention_block(*args)
+    return out
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention over separate query / key / value inputs.
 
@@ -127,34 +237,34 @@ class MultiheadAttention(nn.Module):
         return x.view(b, t, self.nhead, -1).transpose(1, 2)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                explicit: bool, keys_transposed: bool = False) -> tuple[Tensor, Tensor | None]:
+                explicit: bool, keys_transposed: bool = False,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """softmax(q k^T / sqrt(Dh)) v over ``[B, H, T, Dh]`` heads (``k`` given ``[B, H, Dh, S]`` when
-        ``keys_transposed``); returns the output and, on the explicit path, the weights.
+        ``keys_transposed``); returns the output and, with ``need_weights``, the weights ``[B, H, T, S]``.
 
-        SDPA, except two batched matmuls with a float32 softmax where ``explicit`` (the caller's:
-        decoding with the cache, where a step's few queries per (row, head) make SDPA's fused CPU
-        kernel pay its per-head overhead for little work, and the matmuls read the cache's contiguous
-        keys/values as they are; the copy mechanism / guided attention, which read the weights), and
-        on CPU for reduced precision, where SDPA's bf16 kernels (forward + backward) run 3-8x slower
-        (benchmarks/README.md), and for attention dropout, which sends SDPA to its math path with a
-        bernoulli_ mask (modules/dropout.py)."""
+        Which computation runs is :func:`attention_path`'s choice. The explicit one (two batched
+        matmuls, float32 softmax) is preferred where ``explicit`` (the caller's: decoding with the
+        cache, where a step's few queries per (row, head) make SDPA's fused CPU kernel pay its
+        per-head overhead for little work, and the matmuls read the cache's contiguous keys/values as
+        they are), on CPU for reduced precision, where SDPA's bf16 kernels (forward + backward) run
+        3-8x slower (benchmarks/README.md), and for attention dropout, which sends SDPA to its math
+        path with a bernoulli_ mask (modules/dropout.py). It holds ``[B, H, T, S]`` scores, so beyond
+        ``ATTENTION_SCORE_BUDGET`` bytes SDPA runs where its kernel is memory-efficient, else the
+        explicit computation in blocks (:func:`attention_path`): memory linear in T and S."""
         drop = self.dropout if self.training else 0.0
-        if keys_transposed or explicit or (
-                q.device.type == "cpu" and (drop > 0 or q.dtype in (torch.bfloat16, torch.float16))):
-            # q scaled first: the product is contiguous, which the batched matmul needs anyway (a
-            # step's q is a strided slice of the fused projection), so the scaling costs no extra pass
-            scores = (q * q.shape[-1] ** -0.5) @ (k if keys_transposed else k.transpose(-2, -1))
-            if is_causal and attn_mask is None:
-                t, s = scores.shape[-2:]
-                attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-            if attn_mask is not None:
-                scores = scores.masked_fill_(~attn_mask, float("-inf"))
-            probs = scores.float().softmax(-1)
-            return dropout(probs.to(v.dtype), drop) @ v, probs
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal and attn_mask is None
-        )
-        return out, None
+        path = attention_path(q, k, v, attn_mask, is_causal, drop, prefer_explicit=explicit,
+                              keys_transposed=keys_transposed, need_weights=need_weights)
+        if path == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal and attn_mask is None
+            )
+            return out, None
+        if is_causal and attn_mask is None:
+            t, s = q.shape[-2], v.shape[-2]
+            attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        if path == "chunked":
+            return chunked_attention(q, k, v, attn_mask, drop, keys_transposed), None
+        return explicit_attention(q, k, v, attn_mask, drop, keys_transposed)
 
     def forward_packed(self, query: Tensor, value: Tensor, attn_mask: Tensor | None, rows: PackedRows) -> Tensor:
         """Self-attention of a padded batch given only its real tokens: ``query`` / ``value`` ``[N, D]``
@@ -215,7 +325,7 @@ class MultiheadAttention(nn.Module):
                 else:  # self-attention: append this step's keys/values
                     k, v = _append(cache, k, v)
         out, probs = self._attend(q, k, v, attn_mask, is_causal, explicit=cache is not None or need_weights,
-                                  keys_transposed=transposed)
+                                  keys_transposed=transposed, need_weights=need_weights)
         bsz, _, t, _ = out.shape
         out = linear(out.transpose(1, 2).reshape(bsz, t, d), self.out_proj.weight, self.out_proj.bias)
         out = out.view(rows, length, d)
