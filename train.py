@@ -82,8 +82,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                  trainer.checkpoint_callback.last_model_path, ckpt_path)
             raise TrainingInterrupted(guard.stop_signal, None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    # read before testing: trainer.test(ckpt_path=best) restores the callback's state saved in the best
+    # checkpoint, written before last.ckpt (last_model_path "" if the best is from the first epoch)
+    cb = trainer.checkpoint_callback
+    best_ckpt, last_ckpt = (cb.best_model_path, cb.last_model_path) if cb is not None and cfg.train else ("", "")
     if cfg.test:
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.train else ckpt_path
+        best = best_ckpt if cfg.train else ckpt_path
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
@@ -91,11 +95,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         close_loggers(loggers)
         return metrics
     log.info(f"run folder: {cfg.paths.output_dir}")
-    if trainer.checkpoint_callback is not None and cfg.train:
-        last = trainer.checkpoint_callback.last_model_path
-        log.info(f"checkpoints: best={trainer.checkpoint_callback.best_model_path or '-'} last={last or '-'}")
-        if last and os.path.isfile(last):
-            log.info(f"resume with: python train.py task={cfg.task_name} ckpt_path={last}")
+    if cb is not None and cfg.train:
+        log.info(f"checkpoints: best={best_ckpt or '-'} last={last_ckpt or '-'}")
+        if last_ckpt and os.path.isfile(last_ckpt):
+            log.info(f"resume with: python train.py task={cfg.task_name} ckpt_path={last_ckpt}")
     summary = wandb_summary(loggers)
     if summary:
         log.info(summary)

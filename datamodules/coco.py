@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torch import Tensor
@@ -237,6 +238,29 @@ def check_images_exist(images_dir: Path, data: dict[str, Any], json_path: Path) 
             f"{len(unreadable)} image file(s) listed in {json_path} cannot be read as images, e.g. "
             f"{unreadable[:5]}; they are corrupt or truncated. Replace them or remove their entries from the JSON."
         )
+
+
+def warn_dropped_boxes(data: dict[str, Any], json_path: Path) -> None:
+    """Name, once at setup, the boxes the transforms will drop from the targets: zero or negative
+    width/height, or no area inside their image (clamping leaves nothing). Crowd boxes are ignore
+    regions, not targets, and are not counted."""
+    sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
+    empty, outside = [], []
+    for ann in data["annotations"]:
+        if ann.get("iscrowd", 0):
+            continue
+        x, y, w, h = ann["bbox"]
+        width, height = sizes[ann["image_id"]]
+        if w <= 0 or h <= 0:
+            empty.append(ann.get("id"))
+        elif x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            outside.append(ann.get("id"))
+    for ids, what in ((empty, "zero or negative width/height"), (outside, "no area inside their image")):
+        if ids:
+            rank_zero_warn(
+                f"{json_path}: dropping {len(ids)} box(es) with {what} (annotation ids {ids[:5]}"
+                f"{' ...' if len(ids) > 5 else ''}); they are not targets. Fix or remove them in the JSON."
+            )
 
 
 def image_header_problem(path: Path) -> str | None:
@@ -618,6 +642,7 @@ class CocoDataModule(SplitDataModule):
 
             return build_multilabel_dataset(self, split, json_path, data, reference, train)
         check_images_exist(self.images_dir, data, json_path)
+        warn_dropped_boxes(data, json_path)
         transforms = make_detection_transforms(
             train, train_scales=self.train_scales, val_scale=self.val_scale, max_size=self.max_size
         )

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
+from .dtypes import at_least_float32
 from .matcher import HungarianMatcher
 
 
@@ -55,26 +56,28 @@ class SetCriterion(nn.Module):
         super().__init__()
         self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
         self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = eos_coef
-        self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def loss_labels(self, logits: Tensor, target_classes: Tensor, num_boxes: float) -> Tensor:
         """``logits`` [B, Q, C+1 or C]; ``target_classes`` [B, Q]: a class, C = no-object, -1 = ignored."""
-        logits = logits.float()
+        logits = at_least_float32(logits)  # half types in float32, float64 kept
         if not self.focal:
-            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight, ignore_index=-1)
+            weight = logits.new_ones(self.num_classes + 1)  # in the logits' dtype: eos_coef exact in float64
+            weight[-1] = self.eos_coef
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, ignore_index=-1)
         onehot = F.one_hot(target_classes.clamp(min=0), self.num_classes + 1)[..., : self.num_classes]
         loss = sigmoid_focal_loss(logits, onehot.to(logits.dtype), self.focal_alpha, self.focal_gamma, "none")
         return (loss * (target_classes >= 0)[..., None]).sum() / num_boxes
 
     def loss_boxes(self, src: Tensor, tgt: Tensor, num_boxes: float, like: Tensor) -> dict[str, Tensor]:
         """Paired boxes ``[N, 4]`` normalised cxcywh."""
-        src, tgt = src.float(), tgt.float()
+        src = at_least_float32(src)  # half types in float32, float64 kept
+        tgt = tgt.to(torch.promote_types(src.dtype, tgt.dtype))
+        src = src.to(tgt.dtype)
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         if len(src):
             loss_giou = generalized_box_iou_loss(
-                box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="sum"
+                box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="sum",
+                eps=torch.finfo(src.dtype).tiny,  # only guards 0/0: DETR's GIoU, exact in float64
             ) / num_boxes
         else:  # keep the graph connected so every process runs the same backward
             loss_giou = like.sum() * 0.0

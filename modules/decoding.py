@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dtypes import at_least_float32
 from .packed import packed_linears
 
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
@@ -158,7 +159,7 @@ class _Stepper:
             )
         else:
             log_probs, _ = self.model.decode(prefix, self.memory, self.mask, self.src, causal=True, **self.options)
-        return log_probs[:, -1].float()
+        return at_least_float32(log_probs[:, -1])
 
     def select(self, rows: Tensor, sources: Tensor | None) -> None:
         """Keep decoder rows ``rows`` (in that order: the self-attention caches follow them) and, when
@@ -525,7 +526,7 @@ def nat_decode(
 
     def predict(tokens: Tensor) -> tuple[Tensor, Tensor]:
         log_probs, _ = model.decode(tokens, memory, mask, src_rows, tgt_padding_mask=padding, causal=False)
-        log_probs = log_probs.float().clone()
+        log_probs = at_least_float32(log_probs).clone()
         for banned in {pad_id, mask_id} - {eos_id}:
             if 0 <= banned < log_probs.shape[-1]:
                 log_probs[..., banned] = float("-inf")

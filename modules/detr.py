@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from .backbone import ImageAdapter
+from .dtypes import at_least_float32
 from .position import sine_embed_boxes
 from .transformer import Seq2SeqTransformer
 from .weights import WeightSource, load_detr_weights, read_weights
@@ -30,7 +31,7 @@ class MLP(nn.Sequential):
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x), with x clamped to [eps, 1 - eps]."""
-    x = x.float().clamp(eps, 1 - eps)
+    x = at_least_float32(x).clamp(eps, 1 - eps)
     return torch.log(x / (1 - x))
 
 
@@ -54,16 +55,16 @@ class DETRHead(nn.Module):
         # in float32 even under bf16 autocast: an 8-bit mantissa would quantise box coordinates
         # to ~1/256 of the image, which costs mAP at strict IoU thresholds
         with torch.autocast(hs.device.type, enabled=False):
-            delta = self.bbox_embed(hs.float())
+            delta = self.bbox_embed(at_least_float32(hs))
             return (delta if anchors is None else delta + anchors).sigmoid()
 
     def forward(self, hs: Tensor, anchors: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with torch.autocast(hs.device.type, enabled=False):
-            return self.class_embed(hs.float()), self.boxes(hs, anchors)
+            return self.class_embed(at_least_float32(hs)), self.boxes(hs, anchors)
 
     def class_probs(self, logits: Tensor) -> Tensor:
         """``[.., C]`` per-class probabilities of either head."""
-        logits = logits.float()
+        logits = at_least_float32(logits)
         return logits.sigmoid() if self.sigmoid_classes else logits.softmax(-1)[..., :-1]
 
 
@@ -439,9 +440,9 @@ def postprocess(
     Returns:
         B dicts with ``scores`` [K], ``labels`` [K] (0..C-1) and ``boxes`` [K, 4] absolute xyxy.
     """
-    logits = outputs["pred_logits"].float()
-    boxes = box_convert(outputs["pred_boxes"].float(), "cxcywh", "xyxy")
-    h, w = target_sizes.float().unbind(1)
+    logits = at_least_float32(outputs["pred_logits"])
+    boxes = box_convert(at_least_float32(outputs["pred_boxes"]), "cxcywh", "xyxy")
+    h, w = target_sizes.to(boxes.dtype).unbind(1)
     boxes = boxes * torch.stack((w, h, w, h), dim=1)[:, None, :]
     if sigmoid:
         c = logits.shape[-1]

@@ -8,6 +8,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
+from .dtypes import at_least_float32
+
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising
@@ -56,13 +58,14 @@ class HungarianMatcher(nn.Module):
         for i, t in enumerate(targets):
             n = len(t["labels"])
             labels[i, :n] = t["labels"]
-            tgt[i, :n] = t["boxes"].float()
+            tgt[i, :n] = t["boxes"]
         scores = self.class_scores(logits)  # [B, Q, C+1]
         cost = -self.cost_class * scores.gather(2, labels[:, None, :].expand(b, q, n_max))
         cost += self.cost_bbox * torch.cdist(boxes, tgt, p=1)
         pairs_p = box_convert(boxes, "cxcywh", "xyxy")[:, :, None, :].expand(b, q, n_max, 4).reshape(-1, 4)
         pairs_t = box_convert(tgt, "cxcywh", "xyxy")[:, None, :, :].expand(b, q, n_max, 4).reshape(-1, 4)
-        giou = 1 - generalized_box_iou_loss(pairs_p, pairs_t, reduction="none")
+        # eps only guards 0/0 (torchvision's default 1e-7 would shift a float64 GIoU by ~1e-6)
+        giou = 1 - generalized_box_iou_loss(pairs_p, pairs_t, reduction="none", eps=torch.finfo(boxes.dtype).tiny)
         return cost - self.cost_giou * giou.view(b, q, n_max)
 
     @torch.no_grad()
@@ -74,7 +77,8 @@ class HungarianMatcher(nn.Module):
         Returns:
             B pairs ``(query_idx, target_idx)`` of int64 tensors of length ``min(Q, n_b)``.
         """
-        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        # half types in float32, float64 kept (DETR's assignment is exact at 1e-7 in float64)
+        logits, boxes = at_least_float32(outputs["pred_logits"]), at_least_float32(outputs["pred_boxes"])
         if logits.shape[0] != len(targets):
             raise ValueError(f"{logits.shape[0]} images of predictions but {len(targets)} targets")
         sizes = [len(t["labels"]) for t in targets]

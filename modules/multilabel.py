@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .backbone import ImageAdapter
 from .decoding import decode as run_decoding
+from .dtypes import at_least_float32
 from .position import sinusoidal_positions
 from .transformer import LayerCache, Seq2SeqTransformer
 
@@ -67,7 +68,8 @@ class AsymmetricLoss(nn.Module):
         self.gamma_neg, self.gamma_pos, self.clip, self.eps, self.reduction = gamma_neg, gamma_pos, clip, eps, reduction
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        logits, y = logits.float(), targets.float()
+        logits = at_least_float32(logits)
+        y = targets.to(logits.dtype)
         p = torch.sigmoid(logits)
         log_p = F.logsigmoid(logits)
         if self.clip > 0:
@@ -113,7 +115,7 @@ def multilabel_f1(tp: Tensor, fp: Tensor, fn: Tensor, present: Tensor | None = N
     cr = ratio(tp, tp + fn)[keep].sum() / n
     op, orr = ratio(tp.sum(), (tp + fp).sum()), ratio(tp.sum(), (tp + fn).sum())
     out = {"CP": cp, "CR": cr, "CF1": f1(cp, cr), "OP": op, "OR": orr, "OF1": f1(op, orr)}
-    return {k: v.float() for k, v in out.items()}
+    return {k: at_least_float32(v) for k, v in out.items()}
 
 
 # label queries (Query2Label) --------------------------------------------------------------------
@@ -161,7 +163,7 @@ class Query2Label(nn.Module):
         hs = self.transformer.decode(torch.zeros_like(queries), memory, queries, pos, mask,
                                      return_intermediate=False)[0]  # [B, C, D]
         with torch.autocast(hs.device.type, enabled=False):
-            return self.head(hs.float())
+            return self.head(at_least_float32(hs))
 
 
 # label sequences --------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def label_scores_from_steps(log_probs: Tensor, tokens: Tensor, num_classes: int)
     """
     done_before = (tokens == EOS_ID).long().cumsum(1) - (tokens == EOS_ID).long()  # EOS steps before t
     valid = done_before == 0
-    probs = log_probs.float().exp().masked_fill(~valid[..., None], 0.0)
+    probs = at_least_float32(log_probs).exp().masked_fill(~valid[..., None], 0.0)
     return probs.amax(1)[:, NUM_SPECIAL : NUM_SPECIAL + num_classes]
 
 
@@ -300,7 +302,7 @@ class LabelSequenceModel(nn.Module):
             x, mem, self.positions[offset : offset + t].to(x.dtype), pos, memory_padding_mask,
             cache=cache, tgt_padding_mask=tgt_padding_mask, is_causal=causal, return_intermediate=False,
         )[0]
-        return self.output(hs).float().log_softmax(-1), None
+        return at_least_float32(self.output(hs)).log_softmax(-1), None
 
     # training -------------------------------------------------------------------------------------
     def targets(self, labels: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .dropout import Dropout
+from .dtypes import at_least_float32
 from .packed import linear
 from .position import sinusoidal_positions
 from .transformer import LayerCache, Seq2SeqTransformer
@@ -208,7 +209,7 @@ class TranslationModel(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """Decoder states ``[..., D]`` -> float32 vocabulary logits ``[..., V]`` (plus the logits bias)."""
-        return linear(h, self.output.weight, self.output_bias).float()
+        return at_least_float32(linear(h, self.output.weight, self.output_bias))
 
     def output_kind(self, output: str) -> str:
         """What :meth:`decode` returns when ``output`` is asked: log-probabilities with the copy mechanism."""
@@ -222,10 +223,10 @@ class TranslationModel(nn.Module):
             group = h.shape[0] // memory.shape[0]
             memory, src = memory.repeat_interleave(group, 0), src.repeat_interleave(group, 0)
         context = attn @ memory  # [B, T, D]
-        p_gen = torch.sigmoid(self.copy_gate(torch.cat([h, context.to(h.dtype)], -1))).float()  # [B, T, 1]
+        p_gen = at_least_float32(torch.sigmoid(self.copy_gate(torch.cat([h, context.to(h.dtype)], -1))))  # [B, T, 1]
         vocab = logits.softmax(-1) * p_gen
         copy = torch.zeros_like(vocab).scatter_add_(
-            -1, src[:, None, :].expand(-1, h.shape[1], -1), attn.float() * (1 - p_gen)
+            -1, src[:, None, :].expand(-1, h.shape[1], -1), at_least_float32(attn) * (1 - p_gen)
         )
         return (vocab + copy).clamp_min(1e-12).log()
 
@@ -236,7 +237,7 @@ class TranslationModel(nn.Module):
         else:
             keep = (~memory_padding_mask).unsqueeze(-1).to(memory.dtype)
             pooled = (memory * keep).sum(1) / keep.sum(1).clamp_min(1)
-        return self.length_head(pooled).float()
+        return at_least_float32(self.length_head(pooled))
 
     def forward(
         self,
@@ -408,7 +409,7 @@ def guided_attention_loss(
     ti = torch.arange(t, device=device)[None, :, None] / tl.clamp_min(1)[:, None, None].float()
     si = torch.arange(s, device=device)[None, None, :] / sl.clamp_min(1)[:, None, None].float()
     w = 1 - torch.exp(-((si - ti) ** 2) / (2 * sigma**2))
-    penalty = (attn.float() * w).sum(-1)  # [B, T]
+    penalty = (at_least_float32(attn) * w).sum(-1)  # [B, T]
     if tgt_padding_mask is not None:
         penalty = penalty.masked_fill(tgt_padding_mask, 0.0)
         return penalty.sum() / (~tgt_padding_mask).sum().clamp_min(1)

@@ -11,6 +11,7 @@ from torchvision.ops import box_convert
 
 from modules.criterion import SetCriterion, weighted_loss
 from modules.detr import build_detr, postprocess
+from modules.dtypes import at_least_float32
 from modules.matcher import HungarianMatcher
 
 from .base import BaseTask
@@ -138,7 +139,7 @@ class DetectionTask(BaseTask):
 
     def _ground_truth(self, target: dict) -> dict[str, Tensor]:
         h, w = target["orig_size"].tolist()
-        boxes = box_convert(target["boxes"].float(), "cxcywh", "xyxy") * target["boxes"].new_tensor([w, h, w, h])
+        boxes = box_convert(at_least_float32(target["boxes"]), "cxcywh", "xyxy") * target["boxes"].new_tensor([w, h, w, h])
         return {"boxes": boxes, "labels": self.category_ids[target["labels"]]}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAveragePrecision
 
+from modules.dtypes import at_least_float32
 from modules.multilabel import (
     PAD_ID,
     AsymmetricLoss,
@@ -49,7 +50,7 @@ class MultilabelScores(Metric):
         """``scores`` ``[B, C]`` in [0, 1], ``predicted`` bool ``[B, C]``, ``target`` multi-hot ``[B, C]``."""
         target = target > 0.5
         predicted = predicted.bool()
-        self.ap.update(scores.float(), target.long())
+        self.ap.update(at_least_float32(scores), target.long())
         self.tp += (predicted & target).sum(0)
         self.fp += (predicted & ~target).sum(0)
         self.fn += (~predicted & target).sum(0)
@@ -60,7 +61,7 @@ class MultilabelScores(Metric):
         with warnings.catch_warnings():  # classes without positives: AP undefined, left out below
             warnings.filterwarnings("ignore", message="No positive samples found in target")
             ap = self.ap.compute()
-        m_ap = ap[present].float().mean() if bool(present.any()) else ap.new_zeros(())
+        m_ap = at_least_float32(ap[present]).mean() if bool(present.any()) else ap.new_zeros(())
         return {"mAP": m_ap, **multilabel_f1(self.tp, self.fp, self.fn, present)}
 
     def reset(self) -> None:
@@ -155,7 +156,7 @@ class MultiLabelTask(BaseTask):
         if self.is_sequence:
             tokens, scores = self.model.generate(images, pixel_mask, **self.decoding)
             return scores, sequence_to_multi_hot(tokens, self.model.num_classes) > 0
-        scores = torch.sigmoid(self.model(images, pixel_mask).float())
+        scores = torch.sigmoid(at_least_float32(self.model(images, pixel_mask)))
         return scores, scores >= self.threshold
 
     def label_names(self, predicted: Tensor) -> list[list[str]]:

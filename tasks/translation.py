@@ -126,12 +126,14 @@ class TranslationTask(BaseTask):
         mixed[:, 1:] = torch.where(replace[:, 1:], predicted[:, :-1], tgt_in[:, 1:])
         return mixed
 
-    def _nat_inputs(self, labels: Tensor, label_pad: Tensor) -> tuple[Tensor, Tensor]:
+    def _nat_inputs(self, labels: Tensor, label_pad: Tensor,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Conditional masked LM inputs: a random number (1..L) of target tokens replaced by <mask>.
-        Returns the decoder input and the positions the loss is computed on."""
+        Returns the decoder input and the positions the loss is computed on (the masked ones: the
+        others are visible in the input, and predicting them is copying)."""
         lengths = (~label_pad).sum(1)
-        scores = torch.rand(labels.shape, device=labels.device).masked_fill(label_pad, 2.0)
-        n_mask = (torch.rand(lengths.shape, device=labels.device) * lengths).long().clamp_min(0) + 1
+        scores = torch.rand(labels.shape, device=labels.device, generator=generator).masked_fill(label_pad, 2.0)
+        n_mask = (torch.rand(lengths.shape, device=labels.device, generator=generator) * lengths).long() + 1
         n_mask = torch.minimum(n_mask, lengths)
         order = scores.argsort(1).argsort(1)  # rank of each position's score
         masked = order < n_mask[:, None]
@@ -145,12 +147,15 @@ class TranslationTask(BaseTask):
         need_attn = self.ga_weight > 0
         losses: dict[str, Tensor] = {}
         if self.mode == "nat":
-            nat_in, masked = self._nat_inputs(labels, label_pad)
+            # evaluation masks with a fixed seed: the same positions every epoch, the global RNG untouched
+            generator = None if train else torch.Generator(labels.device).manual_seed(0)
+            nat_in, masked = self._nat_inputs(labels, label_pad, generator)
             memory = self.model.encode(src, src_mask)
             log_probs, attn = self.model.decode(nat_in, memory, src_mask, src, label_pad, causal=False,
                                                 need_attn=need_attn)
-            target = labels.masked_fill(~masked, self.pad_id) if train else labels
+            target = labels.masked_fill(~masked, self.pad_id)  # loss and perplexity: masked positions only
             loss, nll = label_smoothed_nll(log_probs, target, self.label_smoothing, self.pad_id)
+            losses["scored_tokens"] = masked.sum()
             length_logits = self.model.predict_length_logits(memory, src_mask)
             lengths = (~label_pad).sum(1).clamp_max(self.model.max_length)
             losses["length"] = torch.nn.functional.cross_entropy(length_logits, lengths)
@@ -168,6 +173,7 @@ class TranslationTask(BaseTask):
             attn = out.get("cross_attn")
             loss, nll = self.model.sequence_loss(out, labels[keep], self.label_smoothing, self.pad_id)
             attn_mask = in_mask
+            losses["scored_tokens"] = keep.sum()
             if train and self.ss_max_prob > 0:
                 losses["scheduled_sampling_prob"] = torch.tensor(prob)
         if need_attn:
@@ -190,7 +196,7 @@ class TranslationTask(BaseTask):
         self.log("train/ppl", torch.exp(losses["nll"].detach().clamp_max(50)), batch_size=bs)
         self.log("train/tokens", ntok.float(), reduce_fx="sum", batch_size=bs)
         for k, v in losses.items():
-            if k not in ("loss", "nll"):
+            if k not in ("loss", "nll", "scored_tokens"):
                 self.log(f"train/{k}", v, batch_size=bs)
         return loss
 
@@ -244,9 +250,9 @@ class TranslationTask(BaseTask):
     def _eval_step(self, batch: dict, metric: SacreBLEUScore, prefix: str) -> None:
         losses = self._losses(batch, train=False)
         bs = batch["src"].shape[0]
-        ntok = (~batch["tgt_padding_mask"][:, 1:]).sum().float()
         self.log(f"{prefix}/loss", losses["loss"], batch_size=bs, sync_dist=True)
-        (self.val_nll if prefix == "val" else self.test_nll).update(losses["nll"].detach(), ntok)
+        # perplexity per scored token (NAT: the masked ones)
+        (self.val_nll if prefix == "val" else self.test_nll).update(losses["nll"].detach(), losses["scored_tokens"])
         hyps = self.hypotheses(batch, prefix)
         refs = list(batch["tgt_text"])
         metric.update(hyps, [[r] for r in refs])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -20,12 +21,18 @@ def test_fast_dev_run_detection(make_cfg):
     assert {"val/mAP", "val/mAP_50", "val/mAP_75", "test/mAP"} <= set(metrics)
 
 
-def test_run_writes_checkpoints_that_load_weights_only(make_cfg, tmp_path):
+def test_run_writes_checkpoints_that_load_weights_only(make_cfg, tmp_path, caplog):
     cfg = make_cfg("logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
-    train(cfg)
+    with caplog.at_level(logging.INFO, logger="mtdetr"):
+        train(cfg)
     ckpt_dir = tmp_path / "outputs" / "detection" / "run1" / "checkpoints"
     names = sorted(os.listdir(ckpt_dir))
     assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
+    # the end-of-run message names both, although testing the best (from the first epoch, saved
+    # before last.ckpt existed) restored the checkpoint callback's state of that moment
+    best = next(n for n in names if n.startswith("best-"))
+    assert f"checkpoints: best={ckpt_dir / best} last={ckpt_dir / 'last.ckpt'}" in caplog.text
+    assert f"ckpt_path={ckpt_dir / 'last.ckpt'}" in caplog.text
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert ckpt["mtdetr"]["task"] == "detection"
     assert ckpt["hyper_parameters"]["data_info"]["class_names"] == ["circle", "square", "triangle"]

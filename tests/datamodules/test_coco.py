@@ -171,6 +171,29 @@ def test_degenerate_boxes_dropped_and_outside_boxes_clamped(tmp_path: Path) -> N
         torch.testing.assert_close(t["boxes"][1], torch.tensor([0.05, 0.0625, 0.1, 0.125]))
 
 
+def test_dropped_boxes_are_named_once_at_setup(tmp_path: Path) -> None:
+    """Boxes the transforms drop (zero/negative size, no area inside the image) are kept out of the
+    targets and named at setup: count, first annotation ids and file, one warning per kind."""
+    anns = [(1, 5, [10.0, 10.0, 0.0, 5.0]), (1, 9, [10.0, 10.0, 20.0, 20.0]), (1, 5, [5.0, 5.0, 4.0, -1.0]),
+            (2, 9, [70.0, 10.0, 10.0, 10.0]), (2, 9, [-30.0, 0.0, 20.0, 10.0])]
+    images = [("a.png", 100, 80), ("b.png", 60, 50)]
+    write_coco(tmp_path, images, anns)
+    write_coco(tmp_path, images, anns[1:2], "val.json", write_images=False)
+    dm = small_dm(tmp_path)
+    with pytest.warns(UserWarning) as caught:
+        dm.setup("fit")
+    messages = [str(w.message) for w in caught if "dropping" in str(w.message)]
+    train_json = tmp_path / "train.json"
+    assert messages == [
+        f"{train_json}: dropping 2 box(es) with zero or negative width/height (annotation ids [1, 3]); they are "
+        "not targets. Fix or remove them in the JSON.",
+        f"{train_json}: dropping 2 box(es) with no area inside their image (annotation ids [4, 5]); they are "
+        "not targets. Fix or remove them in the JSON.",
+    ]  # nothing about val.json: its one box is fine
+    targets = [dm.train_dataset[i][1]["labels"].tolist() for i in range(2)]
+    assert targets == [[1], []]  # only the good box (category 9: label 1 of the sorted ids [5, 9])
+
+
 def test_crowd_annotations_left_out(tmp_path: Path) -> None:
     path = write_coco(
         tmp_path, [("a.png", 40, 40)], [(1, 5, [1.0, 1.0, 5.0, 5.0]), (1, 9, [2.0, 2.0, 9.0, 9.0])]

@@ -40,31 +40,46 @@ def test_loss_invariant_to_permuting_predictions():
         assert v.item() == pytest.approx(base[k].item(), rel=1e-5, abs=1e-6)
 
 
-def test_loss_semantics_match_hand_computation():
-    """CE is the eos-weighted mean over all queries; box terms are sums over matches / number of boxes."""
-    out = make_outputs(aux=0)
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["float32", "float64"])
+def test_loss_semantics_match_hand_computation(dtype, rel):
+    """CE is the eos-weighted mean over all queries; box terms are sums over matches / number of boxes.
+    A float64 call is computed in float64 (agrees with the float64 hand computation to 1e-12, where
+    a float32 down-cast would be ~1e-7 off); float32 to float32 rounding (1e-5)."""
+    out = {k: v.to(dtype) for k, v in make_outputs(aux=0).items() if k != "aux_outputs"}
+    targets = [{"labels": t["labels"], "boxes": t["boxes"].to(dtype)} for t in TARGETS]
     matcher = HungarianMatcher()
     crit = SetCriterion(3, matcher, eos_coef=0.1)
-    losses = crit(out, TARGETS)
-    idx = matcher(out, TARGETS)
+    losses = crit(out, targets)
+    assert {v.dtype for v in losses.values()} == {dtype}
+    idx = matcher(out, targets)
     target_classes = torch.full((2, 6), 3)
     num_boxes = 4
     l1, giou = 0.0, 0.0
     from torchvision.ops import box_convert, generalized_box_iou
 
     for b, (src, tgt) in enumerate(idx):
-        target_classes[b, src] = TARGETS[b]["labels"][tgt]
-        pb, tb = out["pred_boxes"][b, src], TARGETS[b]["boxes"][tgt]
+        target_classes[b, src] = targets[b]["labels"][tgt]
+        pb, tb = out["pred_boxes"][b, src], targets[b]["boxes"][tgt]
         l1 += (pb - tb).abs().sum().item()
         giou += (1 - torch.diag(generalized_box_iou(box_convert(pb, "cxcywh", "xyxy"),
                                                     box_convert(tb, "cxcywh", "xyxy")))).sum().item()
-    w = torch.tensor([1.0, 1.0, 1.0, 0.1])
+    w = torch.tensor([1.0, 1.0, 1.0, 0.1], dtype=dtype)
     logp = F.log_softmax(out["pred_logits"], -1)
     nll = -logp.gather(-1, target_classes[..., None])[..., 0]
     ce = (w[target_classes] * nll).sum() / w[target_classes].sum()
-    assert losses["loss_ce"].item() == pytest.approx(ce.item(), rel=1e-5)
-    assert losses["loss_bbox"].item() == pytest.approx(l1 / num_boxes, rel=1e-5)
-    assert losses["loss_giou"].item() == pytest.approx(giou / num_boxes, rel=1e-5)
+    assert losses["loss_ce"].item() == pytest.approx(ce.item(), rel=rel)
+    assert losses["loss_bbox"].item() == pytest.approx(l1 / num_boxes, rel=rel)
+    assert losses["loss_giou"].item() == pytest.approx(giou / num_boxes, rel=rel)
+
+
+@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
+def test_half_types_are_computed_in_float32_and_float64_stays(focal):
+    c = 3 if focal else 4
+    for dtype, want in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)):
+        out = {k: v[..., :c].to(dtype) if k == "pred_logits" else v.to(dtype)
+               for k, v in make_outputs(aux=0).items() if k != "aux_outputs"}
+        crit = SetCriterion(3, HungarianMatcher(focal=focal), focal=focal)
+        assert {v.dtype for v in crit(out, TARGETS).values()} == {want}, dtype
 
 
 def test_empty_targets_give_finite_loss_and_gradient():

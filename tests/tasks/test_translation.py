@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import sacrebleu
 import torch
@@ -80,6 +82,45 @@ def test_scheduled_sampling_mixes_predictions_at_the_scheduled_rate(make_cfg):
     changed = (mixed[:, 1:] != tgt_in[:, 1:]).float().mean().item()
     assert 0.3 < changed < 0.6  # about half replaced (a replacement may coincide with the gold token)
     assert torch.equal(task._mix_in_predictions(batch, tgt_in, 0.0), tgt_in)
+
+
+def test_nat_validation_scores_only_the_masked_positions():
+    """NAT validation loss and perplexity count the positions that were <mask> in the decoder input,
+    not the visible ones (predicting those is copying). The model's answers at the visible positions
+    are replaced by nonsense: the loss, the perplexity and their token count must not move."""
+    info = {"vocab_size": 50, "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "mask_id": 4}
+    torch.manual_seed(0)
+    task = TranslationTask(model={"d_model": 16, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
+                                  "dim_feedforward": 32, "dropout": 0.0, "mode": "nat"}, data_info=info).eval()
+    g = torch.Generator().manual_seed(1)
+    tgt = torch.randint(5, 50, (6, 10), generator=g)
+    tgt[:, 0], tgt_pad = 1, torch.arange(10)[None] >= torch.tensor([10, 9, 7, 10, 4, 8])[:, None]
+    batch = {"src": torch.randint(5, 50, (6, 9), generator=g), "src_padding_mask": torch.zeros(6, 9, dtype=torch.bool),
+             "tgt": tgt.masked_fill(tgt_pad, 0), "tgt_padding_mask": tgt_pad}
+    decode, inputs = task.model.decode, []
+
+    def recorded(perturb):
+        def run(tgt_in, *args, **kwargs):
+            log_probs, attn = decode(tgt_in, *args, **kwargs)
+            inputs.append(tgt_in)
+            visible = (tgt_in != info["mask_id"])[..., None] & perturb
+            return log_probs.masked_fill(visible, math.log(1 / 50)), attn  # uniform where the token was visible
+        return run
+
+    with torch.no_grad():
+        task.model.decode = recorded(False)
+        honest = task._losses(batch, train=False)
+        task.model.decode = recorded(True)
+        perturbed = task._losses(batch, train=False)
+    assert torch.equal(inputs[0], inputs[1])  # the same positions masked in both calls
+    masked = inputs[0] == info["mask_id"]
+    assert 0 < masked.sum() < (~tgt_pad[:, 1:]).sum()  # some visible tokens: the check can fail
+    torch.testing.assert_close(perturbed["nll"], honest["nll"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(perturbed["loss"], honest["loss"], rtol=1e-6, atol=0)
+    assert honest["scored_tokens"] == masked.sum() == perturbed["scored_tokens"]  # the perplexity's weight
+    task.model.decode = decode
+    with torch.no_grad():  # evaluation masks the same positions each time
+        assert torch.equal(task._losses(batch, train=False)["nll"], honest["nll"])
 
 
 def test_bleu_metric_matches_sacrebleu():
