@@ -262,6 +262,9 @@ def test_multitask_checkpoint_takes_task_name(tmp_path):
     predictions = json.loads((tmp_path / "p" / "predictions.json").read_text())
     assert len(predictions) == 4 and all("boxes" in p for p in predictions)
     assert not (tmp_path / "p" / "images").exists()
+    proc = run("export.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'x'}", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "task_name=<detection|multilabel>" in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -304,3 +307,11 @@ def test_eval_draws_attention_of_the_first_samples(detection_run, translation_ck
     run("eval.py", f"ckpt_path={translation_ckpt}", "logger=none", "attention=true", "attention_samples=2",
         "decoding.max_len_b=3", f"hydra.run.dir={tmp_path / 't'}")
     assert sorted(p.name for p in (tmp_path / "t" / "attention").iterdir()) == ["line00001.png", "line00002.png"]
+
+
+@pytest.mark.slow
+def test_export_refuses_a_translation_checkpoint_in_one_line(translation_ckpt, tmp_path):
+    proc = run("export.py", f"ckpt_path={translation_ckpt}", f"hydra.run.dir={tmp_path / 'x'}", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("error:") and "translation checkpoint" in last
+    assert "predict.py" in last and not (tmp_path / "x" / "model.onnx").exists()
