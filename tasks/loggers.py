@@ -22,8 +22,9 @@ class WandbLogger(LightningWandbLogger):
     ``model-<run id>`` with the aliases ``best`` and ``latest`` (one version with both aliases when
     they are the same file). ``log_checkpoints=false`` turns it off."""
 
-    def __init__(self, *args: Any, log_checkpoints: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, id: str | None = None, log_checkpoints: bool = True, **kwargs: Any) -> None:
+        # ``id`` named here: the run plumbing passes a resumed run's id only to loggers that declare it
+        super().__init__(*args, id=id, **kwargs)
         self.log_checkpoints = log_checkpoints
         self._checkpoint_callback: Any = None
         self._logged: set[tuple[str, float]] = set()
