@@ -151,11 +151,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sizes = {"train_scales": [args.scale], "val_scale": args.scale, "max_size": 2 * args.scale, "num_workers": 0}
-    coco = CocoDataModule(str(args.root), **sizes)
-    voc = VocDataModule(str(args.root / "voc"), images_dir="../images", **sizes)
+    coco = CocoDataModule(root=str(args.root), **sizes)
+    voc = VocDataModule(root=str(args.root / "voc"), images_dir="../images", **sizes)
     doc: dict = {"root": str(args.root), "scale": args.scale}
     with tempfile.TemporaryDirectory() as tmp:
-        yolo = YoloDataModule(str(write_yolo_copy(args.root.resolve(), Path(tmp))), **sizes)
+        yolo = YoloDataModule(root=str(write_yolo_copy(args.root.resolve(), Path(tmp))), **sizes)
         for dm in (coco, voc, yolo):
             dm.setup("fit")
         doc["class_names"] = {"coco": coco.data_info["class_names"], "voc": voc.data_info["class_names"],

@@ -411,6 +411,7 @@ class CocoDetectionDataset(CocoDetection):
 
     def __init__(
         self,
+        *,
         root: str | Path,
         ann_file: str | Path,
         transforms: Callable | None = None,
@@ -512,6 +513,7 @@ class CocoDataModule(SplitDataModule):
 
     def __init__(
         self,
+        *,
         root: str,
         images_dir: str = "images",
         train_json: str = "train.json",
@@ -647,8 +649,8 @@ class CocoDataModule(SplitDataModule):
             train, train_scales=self.train_scales, val_scale=self.val_scale, max_size=self.max_size
         )
         return CocoDetectionDataset(
-            self.images_dir,
-            json_path,
+            root=self.images_dir,
+            ann_file=json_path,
             transforms=transforms,
             coco_json=data,
             category_ids=[c["id"] for c in reference],
@@ -679,7 +681,7 @@ class CocoDataModule(SplitDataModule):
             sampler = EpochSampler(dataset, shuffle=True, generator=generator)
             if self.trainer is not None:
                 sampler.set_epoch(self.trainer.current_epoch)
-            dataset = SeededDataset(dataset)
+            dataset = SeededDataset(dataset=dataset)
         else:
             sampler = EvalSampler(dataset)
         return ResumableDataLoader(

@@ -119,11 +119,11 @@ class ConvertedDataModule(CocoDataModule):
     format_name = "?"
     root_help = ""
 
-    def __init__(self, root: str, *, unused: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, root: str, unused: dict[str, Any] | None = None, **kwargs: Any) -> None:
         for key, value in (unused or {}).items():
             if value is not None:
                 raise ValueError(f"data.{key}={value!r} is not used by data={self.format_name}; leave it null.")
-        super().__init__(root, **kwargs)
+        super().__init__(root=root, **kwargs)
         self._converted: dict[str, tuple[Path, dict[str, Any]]] | None = None
 
     def convert(self) -> dict[str, tuple[Path, dict[str, Any]]]:

@@ -120,7 +120,7 @@ class MultiLabelDataset(Dataset):
 
     collate_fn = staticmethod(collate_multilabel)
 
-    def __init__(self, images_dir: Path, entries: list[Entry], num_classes: int,
+    def __init__(self, *, images_dir: Path, entries: list[Entry], num_classes: int,
                  transforms: Callable | None = None) -> None:
         self.images_dir, self.entries, self.num_classes = Path(images_dir), entries, num_classes
         self.transforms = transforms
@@ -162,4 +162,6 @@ def build_multilabel_dataset(dm: Any, split: str, json_path: Path, data: dict[st
     transforms = make_detection_transforms(
         train, train_scales=dm.train_scales, val_scale=dm.val_scale, max_size=dm.max_size
     )
-    return MultiLabelDataset(dm.images_dir, entries, len(categories), ImageOnly(transforms))
+    return MultiLabelDataset(
+        images_dir=dm.images_dir, entries=entries, num_classes=len(categories), transforms=ImageOnly(transforms)
+    )

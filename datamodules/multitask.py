@@ -167,7 +167,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             None drops a task).
     """
 
-    def __init__(self, mode: str = "round_robin", weights: dict[str, float] | None = None,
+    def __init__(self, *, mode: str = "round_robin", weights: dict[str, float] | None = None,
                  steps_per_epoch: int | None = None, seed: int | None = 0, **datamodules: Any) -> None:
         super().__init__()
         self.datamodules: dict[str, L.LightningDataModule] = {}

@@ -55,7 +55,7 @@ class SeededDataset(Dataset):
     """Wraps a map-style dataset: ``ds[(i, s)]`` is ``dataset[i]`` computed under ``torch.manual_seed(s)``
     (the global torch RNG is restored afterwards); ``ds[i]`` is plain ``dataset[i]``."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, *, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:

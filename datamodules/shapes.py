@@ -284,6 +284,7 @@ class ShapesDataModule(CocoDataModule):
 
     def __init__(
         self,
+        *,
         cache_dir: str,
         num_train: int = 1000,
         num_val: int = 200,

@@ -370,6 +370,7 @@ class ParallelTextDataset(Dataset):
 
     def __init__(
         self,
+        *,
         src_ids: Sequence[Sequence[int]],
         tgt_ids: Sequence[Sequence[int]],
         src_text: Sequence[str],
@@ -512,11 +513,11 @@ def encode_parallel(
             f"and long-sentence policies (max_len={max_len})."
         )
     return ParallelTextDataset(
-        src_ids,
-        tgt_ids,
-        [corpus.src[j] for j in keep],
-        [corpus.tgt[j] for j in keep],
-        [corpus.line_numbers[j] for j in keep],
+        src_ids=src_ids,
+        tgt_ids=tgt_ids,
+        src_text=[corpus.src[j] for j in keep],
+        tgt_text=[corpus.tgt[j] for j in keep],
+        line_numbers=[corpus.line_numbers[j] for j in keep],
         **_special_ids(tokenizer),
     )
 
@@ -709,6 +710,7 @@ class ParallelTextDataModule(SplitDataModule):
 
     def __init__(
         self,
+        *,
         train_prefix: str,
         val_prefix: str,
         test_prefix: str | None,
@@ -725,7 +727,6 @@ class ParallelTextDataModule(SplitDataModule):
         long_sentences: str = "skip",
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
-        *,
         tokenizer: str | None = None,
     ) -> None:
         super().__init__()
@@ -878,6 +879,7 @@ class Multi30kDataModule(ParallelTextDataModule):
 
     def __init__(
         self,
+        *,
         train_prefix: str = str(MULTI30K_DIR / "train"),
         val_prefix: str = str(MULTI30K_DIR / "val"),
         test_prefix: str | None = str(MULTI30K_DIR / "test2016"),
@@ -894,7 +896,6 @@ class Multi30kDataModule(ParallelTextDataModule):
         long_sentences: str = "skip",
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
-        *,
         tokenizer: str | None = None,
     ) -> None:
         super().__init__(

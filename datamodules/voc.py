@@ -189,8 +189,8 @@ class VocDataModule(ConvertedDataModule):
 
     def __init__(
         self,
-        root: str,
         *,
+        root: str,
         images_dir: str = "JPEGImages",
         annotations_dir: str = "Annotations",
         splits_dir: str | None = "ImageSets/Main",
@@ -203,7 +203,7 @@ class VocDataModule(ConvertedDataModule):
         **kwargs: Any,
     ) -> None:
         unused = {"train_json": train_json, "val_json": val_json, "test_json": test_json}
-        super().__init__(root, unused=unused, images_dir=images_dir, **kwargs)
+        super().__init__(root=root, unused=unused, images_dir=images_dir, **kwargs)
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.annotations_dir = annotations_dir

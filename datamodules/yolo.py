@@ -140,11 +140,11 @@ class YoloDataModule(ConvertedDataModule):
     format_name = "yolo"
     root_help = "the folder holding the YOLO data.yaml"
 
-    def __init__(self, root: str, *, data_yaml: str = "data.yaml", images_dir: str | None = None,
+    def __init__(self, *, root: str, data_yaml: str = "data.yaml", images_dir: str | None = None,
                  train_json: str | None = None, val_json: str | None = None, test_json: str | None = None,
                  **kwargs: Any) -> None:
         unused = {"images_dir": images_dir, "train_json": train_json, "val_json": val_json, "test_json": test_json}
-        super().__init__(root, unused=unused, images_dir=".", **kwargs)
+        super().__init__(root=root, unused=unused, images_dir=".", **kwargs)
         self.data_yaml = data_yaml
         self._images_root: Path | None = None
 

@@ -74,7 +74,7 @@ def tiny(tmp_path: Path) -> Path:
 def small_dm(root: Path, **kw: Any) -> CocoDataModule:
     args = {"batch_size": 3, "num_workers": 0, "train_scales": [64], "val_scale": 64, "max_size": 100}
     args.update(kw)
-    return CocoDataModule(str(root), **args)
+    return CocoDataModule(root=str(root), **args)
 
 
 def unnormalize(img: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,7 @@ def test_horizontal_flip_moves_boxes_and_pixels(tmp_path: Path) -> None:
     left_red[:, 50:] = (0, 0, 255)
     Image.fromarray(left_red).save(tmp_path / "images" / "a.png")
     transforms = make_detection_transforms(True, train_scales=[80], max_size=1000, hflip_prob=1.0)
-    ds = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", transforms=transforms)
+    ds = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json", transforms=transforms)
     image, target = ds[0]
     assert target["size"].tolist() == [80, 100]  # shortest side already 80: no resize
     torch.testing.assert_close(target["boxes"][0], torch.tensor([0.75, 0.5, 0.3, 0.5]), atol=1e-5, rtol=0)
@@ -144,14 +144,14 @@ def test_horizontal_flip_moves_boxes_and_pixels(tmp_path: Path) -> None:
 def test_resize_keeps_normalised_boxes_and_caps_long_side(tmp_path: Path) -> None:
     write_coco(tmp_path, [("a.png", 300, 100)], [(1, 5, [30.0, 10.0, 60.0, 50.0])])
     eval_tf = make_detection_transforms(False, val_scale=50, max_size=120)
-    image, target = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", eval_tf)[0]
+    image, target = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json", transforms=eval_tf)[0]
     assert target["size"].tolist() == [40, 120] == list(image.shape[-2:])  # long side capped at 120
     torch.testing.assert_close(target["boxes"][0], torch.tensor([0.2, 0.35, 0.2, 0.5]), atol=5e-3, rtol=0)
     capped = make_detection_transforms(False, val_scale=120, max_size=120)  # cap always binds
-    _, t = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", capped)[0]
+    _, t = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json", transforms=capped)[0]
     assert t["size"].tolist() == [40, 120]
     train_tf = make_detection_transforms(True, train_scales=[20, 30], max_size=1000, hflip_prob=0.0)
-    ds = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", train_tf)
+    ds = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json", transforms=train_tf)
     sizes = {tuple(ds[0][1]["size"].tolist()) for _ in range(20)}
     assert sizes <= {(20, 60), (30, 90)} and len(sizes) == 2
 
@@ -165,7 +165,7 @@ def test_degenerate_boxes_dropped_and_outside_boxes_clamped(tmp_path: Path) -> N
     write_coco(tmp_path, [("a.png", 100, 80)], anns)
     for train in (True, False):
         tf = make_detection_transforms(train, train_scales=[80], val_scale=80, max_size=1000, hflip_prob=0.0)
-        _, t = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json", tf)[0]
+        _, t = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json", transforms=tf)[0]
         assert t["labels"].tolist() == [1, 0]
         torch.testing.assert_close(t["boxes"][0], torch.tensor([0.9, 0.875, 0.2, 0.25]))
         torch.testing.assert_close(t["boxes"][1], torch.tensor([0.05, 0.0625, 0.1, 0.125]))
@@ -201,7 +201,7 @@ def test_crowd_annotations_left_out(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     data["annotations"][1]["iscrowd"] = 1
     path.write_text(json.dumps(data))
-    _, t = CocoDetectionDataset(tmp_path / "images", path)[0]
+    _, t = CocoDetectionDataset(root=tmp_path / "images", ann_file=path)[0]
     assert t["labels"].tolist() == [0]
 
 
@@ -240,7 +240,7 @@ def test_paths_relative_absolute_and_test_defaults_to_val(
 
 def test_unknown_argument_is_type_error(tiny: Path) -> None:
     with pytest.raises(TypeError):
-        CocoDataModule(str(tiny), batchsize=4)  # type: ignore[call-arg]
+        CocoDataModule(root=str(tiny), batchsize=4)  # type: ignore[call-arg]
 
 
 # ------------------------------------------------------------------------------------ bad data
@@ -290,17 +290,17 @@ def test_category_mismatch_names_both_files(tiny: Path) -> None:
 def test_annotation_with_unknown_category_or_image(tmp_path: Path) -> None:
     write_coco(tmp_path, [("a.png", 10, 10)], [(1, 77, [0.0, 0.0, 1.0, 1.0])])
     with pytest.raises(DataError, match=r"train\.json.*category_id 77"):
-        CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")
+        CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json")
     write_coco(tmp_path, [("a.png", 10, 10)], [(2, 5, [0.0, 0.0, 1.0, 1.0])])
     with pytest.raises(DataError, match=r"train\.json.*image_id 2"):
-        CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")
+        CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json")
 
 
 def test_image_size_disagreeing_with_json(tmp_path: Path) -> None:
     write_coco(tmp_path, [("a.png", 30, 20)], [])
     Image.new("RGB", (31, 20)).save(tmp_path / "images" / "a.png")
     with pytest.raises(DataError, match=r"a\.png.*31x20.*30x20"):
-        CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")[0]
+        CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json")[0]
 
 
 # ------------------------------------------------------------------------------------ image modes
@@ -344,7 +344,7 @@ def test_exif_rotation_applied_and_boxes_follow(tmp_path: Path) -> None:
     im = load_rgb_image(tmp_path / "images" / "r.jpg", (20, 40))
     assert im.size == (20, 40) and im.mode == "RGB"
     assert np.asarray(im)[:18].mean() > 200 and np.asarray(im)[22:].mean() < 50  # white half on top
-    image, t = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")[0]
+    image, t = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json")[0]
     assert (
         image.shape == (3, 40, 20) and t["size"].tolist() == [40, 20] and t["orig_size"].tolist() == [40, 20]
     )
@@ -366,7 +366,7 @@ def test_exif_ignored_when_json_describes_stored_pixels(tmp_path: Path) -> None:
 def test_corrupt_and_truncated_images_named(tmp_path: Path) -> None:
     write_coco(tmp_path, [("a.png", 64, 48), ("b.png", 64, 48)], [])
     (tmp_path / "images" / "a.png").write_bytes(b"this is not a png")
-    ds = CocoDetectionDataset(tmp_path / "images", tmp_path / "train.json")
+    ds = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json")
     with pytest.raises(DataError, match=r"a\.png: cannot decode the image .*corrupt or truncated"):
         ds[0]
     Image.effect_noise((64, 48), 60).convert("RGB").save(tmp_path / "images" / "b.png")  # incompressible
@@ -384,7 +384,7 @@ def test_duplicate_ids_refused(tmp_path: Path, what: str) -> None:
     data[what][1]["id"] = data[what][0]["id"]
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"train\.json.*appears twice"):
-        CocoDetectionDataset(tmp_path / "images", path)
+        CocoDetectionDataset(root=tmp_path / "images", ann_file=path)
 
 
 def test_corrupt_and_truncated_images_stop_the_run_at_setup(tmp_path: Path) -> None:
@@ -395,7 +395,7 @@ def test_corrupt_and_truncated_images_stop_the_run_at_setup(tmp_path: Path) -> N
     Image.effect_noise((64, 48), 60).convert("RGB").save(tmp_path / "images" / "b.png")
     full = (tmp_path / "images" / "b.png").read_bytes()
     (tmp_path / "images" / "b.png").write_bytes(full[: len(full) // 2])
-    dm = CocoDataModule(str(tmp_path), batch_size=2, num_workers=0)
+    dm = CocoDataModule(root=str(tmp_path), batch_size=2, num_workers=0)
     with pytest.raises(DataError, match=r"2 image file\(s\) listed in .*train\.json cannot be read.*a\.png.*b\.png"):
         dm.setup("fit")
 

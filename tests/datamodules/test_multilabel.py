@@ -26,7 +26,7 @@ def small_coco(root: Path) -> None:
 
 
 def module(root: Path, **kwargs) -> CocoDataModule:
-    return CocoDataModule(str(root), batch_size=3, num_workers=0, train_scales=[32], val_scale=32, max_size=48,
+    return CocoDataModule(root=str(root), batch_size=3, num_workers=0, train_scales=[32], val_scale=32, max_size=48,
                           target="multilabel", **kwargs)
 
 
@@ -91,7 +91,7 @@ def test_coco128_mapping_files_agree_with_its_boxes():
 
 
 def test_shapes_multilabel(tmp_path):
-    dm = ShapesDataModule(str(tmp_path), num_train=6, num_val=4, num_test=2, image_size=32, batch_size=4, num_workers=0,
+    dm = ShapesDataModule(cache_dir=str(tmp_path), num_train=6, num_val=4, num_test=2, image_size=32, batch_size=4, num_workers=0,
                           target="multilabel")
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
@@ -102,4 +102,4 @@ def test_shapes_multilabel(tmp_path):
         assert set(row.nonzero().flatten().tolist()) == cats
     assert torch.equal(batch["labels"].sum(1) > 0, torch.ones(4, dtype=torch.bool))  # 1..5 shapes per image
     with pytest.raises(ValueError, match="target"):
-        CocoDataModule(str(tmp_path), target="segmentation")
+        CocoDataModule(root=str(tmp_path), target="segmentation")

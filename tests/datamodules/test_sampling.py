@@ -60,7 +60,7 @@ def test_seeded_augmentation_ignores_global_rng_and_worker_count(tmp_path: Path)
         write_png(img, str(tmp_path / "images" / f"{i}.png"))
 
     def batches(workers: int) -> list:
-        dm = CocoDataModule(str(tmp_path), batch_size=2, num_workers=workers, train_scales=[32], max_size=64,
+        dm = CocoDataModule(root=str(tmp_path), batch_size=2, num_workers=workers, train_scales=[32], max_size=64,
                             persistent_workers=False)
         dm.setup("fit")
         loader = dm.train_dataloader()

@@ -74,10 +74,10 @@ def test_test_split_is_held_out_and_leaves_val_unchanged(small_dataset: Path, tm
             pixels[img["file_name"]] = np.asarray(Image.open(small_dataset / "images" / img["file_name"])).tobytes()
     assert len(set(pixels.values())) == len(pixels) == 21
 
-    dm = ShapesDataModule(str(tmp_path / "cache"), seed=3, batch_size=4, num_workers=0, **SMALL)
+    dm = ShapesDataModule(cache_dir=str(tmp_path / "cache"), seed=3, batch_size=4, num_workers=0, **SMALL)
     dm.setup("test")
     assert dm.test_json.name == "test.json" and len(dm.test_dataset) == 5
-    dm0 = ShapesDataModule(str(tmp_path / "cache"), seed=3, batch_size=4, num_workers=0, **{**SMALL, "num_test": 0})
+    dm0 = ShapesDataModule(cache_dir=str(tmp_path / "cache"), seed=3, batch_size=4, num_workers=0, **{**SMALL, "num_test": 0})
     assert dm0.test_json == dm0.val_json  # num_test=0: no held-out split, said in the docstring
 
 
@@ -145,7 +145,7 @@ def test_foreign_folder_without_marker_is_refused(tmp_path: Path) -> None:
 def test_datamodule_generates_once_and_yields_contract(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    dm = ShapesDataModule(str(tmp_path), num_train=6, num_val=3, num_test=2, image_size=64, batch_size=4, num_workers=0)
+    dm = ShapesDataModule(cache_dir=str(tmp_path), num_train=6, num_val=3, num_test=2, image_size=64, batch_size=4, num_workers=0)
     assert dm.data_info == {
         "num_classes": 3,
         "class_names": ["circle", "square", "triangle"],
@@ -156,10 +156,10 @@ def test_datamodule_generates_once_and_yields_contract(
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and str(dm.root) in out
     assert dm.root.parent == tmp_path and dm.root.name.startswith("shapes-")
-    dm2 = ShapesDataModule(str(tmp_path), num_train=6, num_val=3, num_test=2, image_size=64, num_workers=0)
+    dm2 = ShapesDataModule(cache_dir=str(tmp_path), num_train=6, num_val=3, num_test=2, image_size=64, num_workers=0)
     dm2.prepare_data()
     assert capsys.readouterr().out == "" and dm2.root == dm.root  # same params → cached folder
-    assert ShapesDataModule(str(tmp_path), num_train=6, num_val=3, num_test=2, image_size=64, seed=1).root != dm.root
+    assert ShapesDataModule(cache_dir=str(tmp_path), num_train=6, num_val=3, num_test=2, image_size=64, seed=1).root != dm.root
 
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape[:2] == (4, 3) and batch["images"].dtype == torch.float32
@@ -177,4 +177,4 @@ def test_datamodule_generates_once_and_yields_contract(
 
 def test_datamodule_rejects_unknown_argument(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
-        ShapesDataModule(str(tmp_path), num_trian=5)  # type: ignore[call-arg]
+        ShapesDataModule(cache_dir=str(tmp_path), num_trian=5)  # type: ignore[call-arg]

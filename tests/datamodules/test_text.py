@@ -115,7 +115,9 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 def make_dm(root: Path, tmp_path: Path, **kw: Any) -> ParallelTextDataModule:
     args: dict[str, Any] = {"vocab_size": VOCAB, "min_frequency": 1, "cache_dir": str(tmp_path / "cache")}
     args.update(kw)
-    return ParallelTextDataModule(str(root / "train"), str(root / "val"), str(root / "test"), **args)
+    return ParallelTextDataModule(
+        train_prefix=str(root / "train"), val_prefix=str(root / "val"), test_prefix=str(root / "test"), **args
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +339,9 @@ def test_lightning_injected_distributed_sampler(corpus: Path, tmp_path: Path) ->
 
 
 def test_dataset_items_and_collate_contract() -> None:
-    ds = ParallelTextDataset([[10, 11, 12], [13]], [[20], [21, 22, 23, 24]], ["a b c", "d"], ["x", "y z"])
+    ds = ParallelTextDataset(
+        src_ids=[[10, 11, 12], [13]], tgt_ids=[[20], [21, 22, 23, 24]], src_text=["a b c", "d"], tgt_text=["x", "y z"]
+    )
     item = ds[0]
     assert item["src"].tolist() == [10, 11, 12, EOS_ID]
     assert item["tgt"].tolist() == [BOS_ID, 20, EOS_ID]
@@ -404,7 +408,7 @@ def test_data_info_is_plain_and_rebuilds_tokenizer(corpus: Path, tmp_path: Path)
 
 def test_test_prefix_none_uses_val(corpus: Path, tmp_path: Path) -> None:
     dm = ParallelTextDataModule(
-        str(corpus / "train"), str(corpus / "val"), None, vocab_size=VOCAB, cache_dir=str(tmp_path)
+        train_prefix=str(corpus / "train"), val_prefix=str(corpus / "val"), test_prefix=None, vocab_size=VOCAB, cache_dir=str(tmp_path)
     )
     dm.setup("test")
     assert dm.test_dataset is dm.val_dataset and len(dm.test_dataset) == 6

@@ -60,7 +60,7 @@ def write_voc(root: Path, images: dict = IMAGES, lists: dict[str, list[str]] | N
 
 def module(root: Path, **kwargs) -> VocDataModule:
     settings = {"train_scales": [48], "val_scale": 48, "max_size": 1000, "num_workers": 0, "batch_size": 2}
-    return VocDataModule(str(root), **{**settings, **kwargs})
+    return VocDataModule(root=str(root), **{**settings, **kwargs})
 
 
 LISTS = {"train": ["a", "b"], "val": ["c", "d"]}

@@ -37,7 +37,7 @@ def write_yolo(root: Path, splits: dict = SPLITS, yaml_text: str | None = None) 
 
 def module(root: Path, **kwargs) -> YoloDataModule:
     settings = {"train_scales": [40], "val_scale": 40, "max_size": 1000, "num_workers": 0, "batch_size": 2}
-    return YoloDataModule(str(root), **{**settings, **kwargs})
+    return YoloDataModule(root=str(root), **{**settings, **kwargs})
 
 
 def test_boxes_and_classes_from_data_yaml(tmp_path):

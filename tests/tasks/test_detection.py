@@ -23,7 +23,7 @@ SMALL = dict(backbone="resnet18", frozen_bn=False, trainable_layers=5, stride=16
 def overfit_batch(tmp_path):
     root = generate_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=1, num_test=0, image_size=64,
                                    min_objects=1, max_objects=3, seed=3)
-    dm = CocoDataModule(str(root), train_json="train.json", val_json="train.json", batch_size=2,
+    dm = CocoDataModule(root=str(root), train_json="train.json", val_json="train.json", batch_size=2,
                         num_workers=0, train_scales=[64], val_scale=64, max_size=64)
     dm.setup("fit")
     return dm, next(iter(dm.val_dataloader()))  # deterministic transform: the same batch each time
@@ -107,7 +107,7 @@ def test_evaluation_against_the_json_uses_the_files_category_ids(tmp_path):
     anns = [(1, 90, [10.0, 20.0, 30.0, 40.0]), (1, 7, [50.0, 10.0, 40.0, 60.0]), (2, 7, [5.0, 5.0, 10.0, 20.0])]
     write_coco(tmp_path, images, anns, "train.json", categories=cats)
     write_coco(tmp_path, images, anns, "val.json", categories=cats, write_images=False)
-    dm = CocoDataModule(str(tmp_path), batch_size=2, num_workers=0, train_scales=[64], val_scale=64, max_size=100)
+    dm = CocoDataModule(root=str(tmp_path), batch_size=2, num_workers=0, train_scales=[64], val_scale=64, max_size=100)
     dm.setup("fit")
     assert dm.data_info["category_ids"] == [7, 90]
     batch = next(iter(dm.val_dataloader()))
