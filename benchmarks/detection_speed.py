@@ -49,7 +49,7 @@ from modules.matcher import HungarianMatcher  # noqa: E402
 
 IMPLS = ("ours", "reference")
 LOSS_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-MATCH_COSTS = (1.0, 5.0, 2.0)  # class, L1, GIoU
+MATCH_COSTS = {"cost_class": 1.0, "cost_bbox": 5.0, "cost_giou": 2.0}
 LR, LR_BACKBONE, WEIGHT_DECAY, GRAD_CLIP = 1e-4, 1e-5, 1e-4, 0.1
 QUICK_IMAGE_SIZE = 128
 NUM_BATCHES = 4  # distinct synthetic batches, cycled
@@ -192,13 +192,13 @@ class Impl:
 def build_impl(name: str, s: Setting, args: argparse.Namespace, device: torch.device) -> Impl:
     if name == "ours":
         model = build_detr(
-            s.num_classes, backbone=s.backbone, d_model=s.d_model, nhead=s.nhead,
+            num_classes=s.num_classes, backbone=s.backbone, d_model=s.d_model, nhead=s.nhead,
             num_encoder_layers=s.num_encoder_layers, num_decoder_layers=s.num_decoder_layers,
             dim_feedforward=s.dim_feedforward, num_queries=s.num_queries, dropout=s.dropout,
             fuse_frozen_bn=args.fuse_bn, channels_last=args.channels_last, stride=s.stride,
         ).to(device)
-        matcher = HungarianMatcher(*MATCH_COSTS)
-        criterion = SetCriterion(s.num_classes, matcher, eos_coef=0.1).to(device)
+        matcher = HungarianMatcher(**MATCH_COSTS)
+        criterion = SetCriterion(num_classes=s.num_classes, matcher=matcher, eos_coef=0.1).to(device)
         # parameter groups as tasks/base.py: the CNN trunk at lr_backbone, the rest at lr
         trunk = {id(p) for p in model.adapter.body.parameters() if p.requires_grad}
         groups = [
@@ -217,7 +217,7 @@ def build_impl(name: str, s: Setting, args: argparse.Namespace, device: torch.de
             s.num_classes, s.backbone, s.d_model, s.nhead, s.num_encoder_layers, s.num_decoder_layers,
             s.dim_feedforward, s.num_queries, dropout=s.dropout, stride=s.stride,
         ).to(device)
-        matcher = reference_matcher(*MATCH_COSTS)
+        matcher = reference_matcher(*MATCH_COSTS.values())
         criterion = ReferenceCriterion(s.num_classes, matcher, eos_coef=0.1).to(device)
         weights = reference_loss_weights(s.num_decoder_layers, **LOSS_WEIGHTS)
         groups = reference_param_groups(model, LR, LR_BACKBONE)
@@ -363,8 +363,8 @@ def loss_semantics_check(setting_name: str, seed: int) -> dict:
 
     outputs = {**head(), "aux_outputs": [head() for _ in range(layers - 1)]}
     targets = random_targets(s.batch_size, s.num_classes, g)
-    ours = SetCriterion(s.num_classes, HungarianMatcher(*MATCH_COSTS), 0.1)(outputs, targets)
-    ref = ReferenceCriterion(s.num_classes, reference_matcher(*MATCH_COSTS), 0.1)(outputs, targets)
+    ours = SetCriterion(num_classes=s.num_classes, matcher=HungarianMatcher(**MATCH_COSTS), eos_coef=0.1)(outputs, targets)
+    ref = ReferenceCriterion(s.num_classes, reference_matcher(*MATCH_COSTS.values()), 0.1)(outputs, targets)
     ours_total = weighted_loss(ours, LOSS_WEIGHTS).item()
     ref_total = reference_total_loss(ref, reference_loss_weights(layers, **LOSS_WEIGHTS)).item()
     diff = max(abs(ours[k].item() - ref[k].item()) for k in ours)

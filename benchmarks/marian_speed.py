@@ -72,10 +72,10 @@ def source_batches(sentences: int, batch: int, seed: int) -> list[tuple[torch.Te
 
 def ours(model, mode: str, src, mask, limit: int, beam: int) -> torch.Tensor:
     if mode == "beam":
-        hyps = beam_search(model, src, mask, PAD, EOS, PAD, beam_size=beam, length_penalty=1.0, max_len_a=0.0,
+        hyps = beam_search(model, src, mask, bos_id=PAD, eos_id=EOS, pad_id=PAD, beam_size=beam, length_penalty=1.0, max_len_a=0.0,
                            max_len_b=limit, min_len=limit)
         return pad_hypotheses([h[0][0] for h in hyps], PAD)
-    return greedy_decode(model, src, mask, PAD, EOS, PAD, max_len_a=0.0, max_len_b=limit, min_len=limit)
+    return greedy_decode(model, src, mask, bos_id=PAD, eos_id=EOS, pad_id=PAD, max_len_a=0.0, max_len_b=limit, min_len=limit)
 
 
 def hf(model, mode: str, src, mask, limit: int, beam: int) -> torch.Tensor:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         reference.final_logits_bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(args.seed))
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):  # the load report
         reference.save_pretrained(folder)
-        model = TranslationModel(VOCAB, PAD, init_from=folder, dropout=0.0).eval()
+        model = TranslationModel(vocab_size=VOCAB, pad_id=PAD, init_from=folder, dropout=0.0).eval()
     models = {"ours": model, "hf": reference}
     batches = source_batches(args.sentences, args.batch, args.seed)
     warm = batches[0][0][:4], batches[0][1][:4], 4

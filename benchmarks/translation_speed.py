@@ -204,7 +204,7 @@ def marian_config_kwargs(setting: Setting, vocab_size: int, args: argparse.Names
 def build_model(impl: str, setting: Setting, vocab_size: int, args: argparse.Namespace) -> torch.nn.Module:
     if impl == "ours":
         return TranslationModel(
-            vocab_size, pad_id=PAD_ID, d_model=setting.d_model, nhead=setting.nhead,
+            vocab_size=vocab_size, pad_id=PAD_ID, d_model=setting.d_model, nhead=setting.nhead,
             num_encoder_layers=setting.num_encoder_layers, num_decoder_layers=setting.num_decoder_layers,
             dim_feedforward=setting.dim_feedforward, dropout=setting.dropout, norm_first=True,
             activation="relu", tie_embeddings=True,
@@ -328,11 +328,11 @@ def ours_decode(model: torch.nn.Module, mode: str, src: torch.Tensor, mask: torc
     """Our decoding at the benchmark's forced length: output tokens ``[B, limit]`` (EOS last).
     ``mode``: greedy | greedy_nocache | beam (each sentence's best hypothesis)."""
     if mode == "beam":
-        hyps = beam_search(model, src, mask, BOS_ID, EOS_ID, PAD_ID, beam_size=beam_size,
+        hyps = beam_search(model, src, mask, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, beam_size=beam_size,
                            length_penalty=1.0, max_len_a=0.0, max_len_b=limit, min_len=limit)
         return pad_hypotheses([h[0][0] for h in hyps], PAD_ID)
     # min_len = limit: EOS never chosen freely, only forced at the limit (HF: min_new_tokens)
-    return greedy_decode(model, src, mask, BOS_ID, EOS_ID, PAD_ID, max_len_a=0.0, max_len_b=limit,
+    return greedy_decode(model, src, mask, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_len_a=0.0, max_len_b=limit,
                          use_cache=mode == "greedy", min_len=limit)
 
 

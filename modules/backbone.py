@@ -96,7 +96,7 @@ def _torchvision_weights_file(backbone: str, name: str) -> str:
     return path
 
 
-def load_backbone_weights(trunk: nn.Module, path: str, backbone: str = "resnet50") -> None:
+def load_backbone_weights(trunk: nn.Module, path: str, *, backbone: str = "resnet50") -> None:
     """Load torchvision ResNet weights into ``trunk``: a local file (a state dict, or a dict holding one
     under ``state_dict``/``model``) or the name of a torchvision weights enum member (``DEFAULT``,
     ``IMAGENET1K_V1``, ``IMAGENET1K_V2``) of ``backbone``. The classifier (``fc.*``) is ignored."""
@@ -151,6 +151,7 @@ class ImageAdapter(nn.Module):
 
     def __init__(
         self,
+        *,
         backbone: str = "resnet50",
         d_model: int = 256,
         pretrained_backbone: str | None = None,
@@ -159,7 +160,6 @@ class ImageAdapter(nn.Module):
         stride: int = 32,
         fuse_frozen_bn: bool = True,
         channels_last: bool = True,
-        *,
         position_offset: float = 0.5,
     ) -> None:
         super().__init__()
@@ -172,7 +172,7 @@ class ImageAdapter(nn.Module):
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         trunk = getattr(torchvision.models, backbone)(weights=None, norm_layer=norm)
         if pretrained_backbone:
-            load_backbone_weights(trunk, pretrained_backbone, backbone)
+            load_backbone_weights(trunk, pretrained_backbone, backbone=backbone)
         stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         for name, p in trunk.named_parameters():
             if not any(name.startswith(s) for s in stages) and not (

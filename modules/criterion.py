@@ -46,6 +46,7 @@ class SetCriterion(nn.Module):
 
     def __init__(
         self,
+        *,
         num_classes: int,
         matcher: HungarianMatcher,
         eos_coef: float = 0.1,

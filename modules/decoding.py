@@ -121,6 +121,7 @@ def max_lengths(
     model: Any,
     src: Tensor,
     src_padding_mask: Tensor | None,
+    *,
     max_len_a: float,
     max_len_b: float,
     max_len_cap: int | None = None,
@@ -210,7 +211,7 @@ def _prepare(
     return log_probs
 
 
-def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def top_k_top_p_filter(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Set to -inf every logit outside the ``top_k`` largest (0 = no limit) and outside the nucleus:
     the smallest set of most likely tokens whose probability reaches ``top_p``. The most likely
     token is always kept. ``logits`` ``[N, V]``; returns a new tensor."""
@@ -246,6 +247,7 @@ def _autoregressive(
     model: Any,
     src: Tensor,
     src_padding_mask: Tensor | None,
+    *,
     bos_id: int,
     eos_id: int,
     pad_id: int,
@@ -258,7 +260,7 @@ def _autoregressive(
     min_len: int = 0,
 ) -> Tensor:
     batch, device = src.shape[0], src.device
-    limits = max_lengths(model, src, src_padding_mask, max_len_a, max_len_b, max_len_cap)
+    limits = max_lengths(model, src, src_padding_mask, max_len_a=max_len_a, max_len_b=max_len_b, max_len_cap=max_len_cap)
     longest = int(limits.max()) if batch else 0
     out = torch.full((batch, max(longest, 1)), pad_id, dtype=torch.long, device=device)
     if batch == 0:
@@ -292,6 +294,7 @@ def greedy_decode(
     model: Any,
     src: Tensor,
     src_padding_mask: Tensor | None,
+    *,
     bos_id: int,
     eos_id: int,
     pad_id: int,
@@ -304,8 +307,9 @@ def greedy_decode(
 ) -> Tensor:
     """Argmax at every step. Returns ``[B, T]`` (no BOS; EOS then pad)."""
     return _autoregressive(
-        model, src, src_padding_mask, bos_id, eos_id, pad_id, max_len_a, max_len_b, max_len_cap, use_cache,
-        logits_processor, lambda lp: lp.argmax(-1), min_len,
+        model, src, src_padding_mask, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len_a=max_len_a,
+        max_len_b=max_len_b, max_len_cap=max_len_cap, use_cache=use_cache, logits_processor=logits_processor,
+        choose=lambda lp: lp.argmax(-1), min_len=min_len,
     )
 
 
@@ -314,6 +318,7 @@ def sample_decode(
     model: Any,
     src: Tensor,
     src_padding_mask: Tensor | None,
+    *,
     bos_id: int,
     eos_id: int,
     pad_id: int,
@@ -340,12 +345,13 @@ def sample_decode(
     def choose(log_probs: Tensor) -> Tensor:
         if temperature == 0:
             return log_probs.argmax(-1)
-        logits = top_k_top_p_filter(log_probs / temperature, top_k, top_p)
+        logits = top_k_top_p_filter(log_probs / temperature, top_k=top_k, top_p=top_p)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
     return _autoregressive(
-        model, src, src_padding_mask, bos_id, eos_id, pad_id, max_len_a, max_len_b, max_len_cap, use_cache,
-        logits_processor, choose, min_len,
+        model, src, src_padding_mask, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len_a=max_len_a,
+        max_len_b=max_len_b, max_len_cap=max_len_cap, use_cache=use_cache, logits_processor=logits_processor,
+        choose=choose, min_len=min_len,
     )
 
 
@@ -360,6 +366,7 @@ def beam_search(
     model: Any,
     src: Tensor,
     src_padding_mask: Tensor | None,
+    *,
     bos_id: int,
     eos_id: int,
     pad_id: int,
@@ -402,7 +409,7 @@ def beam_search(
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     if batch == 0:
         return results
-    limits = max_lengths(model, src, src_padding_mask, max_len_a, max_len_b, max_len_cap)
+    limits = max_lengths(model, src, src_padding_mask, max_len_a=max_len_a, max_len_b=max_len_b, max_len_cap=max_len_cap)
     limits_list = limits.tolist()
     memory = model.encode(src, src_padding_mask)
     # one copy of the encoder output (and cross-attention cache) per sentence: the decoder's
@@ -480,6 +487,7 @@ def nat_decode(
     model: Any,
     src: Tensor,
     src_padding_mask: Tensor | None,
+    *,
     mask_id: int,
     eos_id: int,
     pad_id: int,
@@ -638,8 +646,8 @@ def decode(
         if mask_id is None:
             raise ValueError("strategy 'nat' needs mask_id")
         kwargs.pop("return_scores", None)
-        return nat_decode(model, src, src_padding_mask, mask_id, eos_id, pad_id, **kwargs)
-    out = fn(model, src, src_padding_mask, bos_id, eos_id, pad_id, **kwargs)
+        return nat_decode(model, src, src_padding_mask, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, **kwargs)
+    out = fn(model, src, src_padding_mask, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, **kwargs)
     if strategy == "beam":
         best = [hyps[0][0] if hyps else torch.tensor([eos_id], device=src.device) for hyps in out]
         return pad_hypotheses(best, pad_id, src.device)

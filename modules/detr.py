@@ -19,7 +19,7 @@ from .weights import WeightSource, load_detr_weights, read_weights
 class MLP(nn.Sequential):
     """``num_layers`` linear layers with ReLU in between."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+    def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         layers: list[nn.Module] = []
         for i, d in enumerate(dims):
@@ -43,11 +43,11 @@ class DETRHead(nn.Module):
     i.e. inverse-sigmoid cxcywh) the box branch predicts an offset from the anchor.
     """
 
-    def __init__(self, d_model: int, num_classes: int, sigmoid_classes: bool = False) -> None:
+    def __init__(self, *, d_model: int, num_classes: int, sigmoid_classes: bool = False) -> None:
         super().__init__()
         self.sigmoid_classes = sigmoid_classes
         self.class_embed = nn.Linear(d_model, num_classes + (0 if sigmoid_classes else 1))
-        self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        self.bbox_embed = MLP(in_dim=d_model, hidden_dim=d_model, out_dim=4, num_layers=3)
         if sigmoid_classes:  # rare foreground at the start, as in RetinaNet / Deformable DETR
             nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
@@ -90,6 +90,7 @@ class Denoising:
 
 def make_denoising_queries(
     targets: list[dict[str, Tensor]],
+    *,
     num_classes: int,
     groups: int,
     label_noise: float,
@@ -137,7 +138,9 @@ def make_denoising_queries(
     return Denoising(labels.flatten(1), noised.flatten(1, 3), groups, copies, n_max)
 
 
-def query_attention_mask(num_dn: int, dn_groups: int, num_groups: int, num_queries: int, device=None) -> Tensor | None:
+def query_attention_mask(
+    *, num_dn: int, dn_groups: int, num_groups: int, num_queries: int, device: torch.device | None = None
+) -> Tensor | None:
     """Decoder self-attention mask (True = blocked) for ``[denoising queries; matching queries]``.
 
     Matching queries never see denoising ones (they would read the answer); denoising groups do not
@@ -183,6 +186,7 @@ class DETR(nn.Module):
 
     def __init__(
         self,
+        *,
         adapter: ImageAdapter,
         transformer: Seq2SeqTransformer,
         num_classes: int,
@@ -215,13 +219,13 @@ class DETR(nn.Module):
         self.num_groups, self.two_stage = num_groups, two_stage
         self.dn_groups, self.dn_label_noise, self.dn_box_noise = dn_groups, dn_label_noise, dn_box_noise
         self.dn_contrastive = dn_contrastive
-        self.head = DETRHead(d, num_classes, sigmoid_classes)
+        self.head = DETRHead(d_model=d, num_classes=num_classes, sigmoid_classes=sigmoid_classes)
         total = num_queries * num_groups
         if not anchors:
             self.query_embed = nn.Embedding(total, d)
         else:
             self.query_content = nn.Embedding(total, d)
-            self.pos_head = MLP(2 * d, d, d, 2)
+            self.pos_head = MLP(in_dim=2 * d, hidden_dim=d, out_dim=d, num_layers=2)
             nn.init.zeros_(self.head.bbox_embed[-1].weight)  # start exactly at the anchors
             nn.init.zeros_(self.head.bbox_embed[-1].bias)
             if not two_stage:
@@ -232,7 +236,7 @@ class DETR(nn.Module):
                     self.anchor_embed.weight.copy_(inverse_sigmoid(init))
         if two_stage:
             self.enc_proj = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
-            self.enc_head = DETRHead(d, num_classes, sigmoid_classes)
+            self.enc_head = DETRHead(d_model=d, num_classes=num_classes, sigmoid_classes=sigmoid_classes)
         if dn_groups:
             self.label_embed = nn.Embedding(num_classes + 1, d)  # the last row: padding
 
@@ -294,8 +298,8 @@ class DETR(nn.Module):
                 anchors = self.anchor_embed.weight[:nq].unsqueeze(0).expand(b, -1, -1)
             if self.training and self.dn_groups and targets is not None:
                 dn = make_denoising_queries(
-                    targets, self.num_classes, self.dn_groups, self.dn_label_noise, self.dn_box_noise,
-                    self.dn_contrastive,
+                    targets, num_classes=self.num_classes, groups=self.dn_groups, label_noise=self.dn_label_noise,
+                    box_noise=self.dn_box_noise, contrastive=self.dn_contrastive,
                 )
             if dn is not None:
                 content = torch.cat((self.label_embed(dn.labels).to(content.dtype), content), dim=1)
@@ -303,7 +307,8 @@ class DETR(nn.Module):
             query_pos = self._query_pos(anchors)
         num_dn = dn.num_queries if dn is not None else 0
         self_mask = query_attention_mask(
-            num_dn, dn.groups if dn is not None else 0, groups, self.num_queries, images.device
+            num_dn=num_dn, dn_groups=dn.groups if dn is not None else 0, num_groups=groups,
+            num_queries=self.num_queries, device=images.device,
         )
         layer_anchors = None if anchors is None else [anchors]
 
@@ -358,6 +363,7 @@ def resolve_architecture(given: dict, source: WeightSource | None) -> dict:
 
 
 def build_detr(
+    *,
     num_classes: int,
     backbone: str | None = None,
     pretrained_backbone: str | None = None,
@@ -385,7 +391,6 @@ def build_detr(
     dn_label_noise: float = 0.5,
     dn_box_noise: float = 0.4,
     dn_contrastive: bool = True,
-    *,
     position_offset: float | None = None,
     init_from: str | None = None,
     init_strict: bool = True,
@@ -407,16 +412,20 @@ def build_detr(
     given = {k: v for k, v in locals().items() if k in DETR_R50}
     arch = resolve_architecture(given, source)
     adapter = ImageAdapter(
-        arch["backbone"], arch["d_model"], pretrained_backbone, frozen_bn, trainable_layers, stride,
-        fuse_frozen_bn, channels_last, position_offset=arch["position_offset"],
+        backbone=arch["backbone"], d_model=arch["d_model"], pretrained_backbone=pretrained_backbone,
+        frozen_bn=frozen_bn, trainable_layers=trainable_layers, stride=stride, fuse_frozen_bn=fuse_frozen_bn,
+        channels_last=channels_last, position_offset=arch["position_offset"],
     )
     transformer = Seq2SeqTransformer(
-        arch["d_model"], arch["nhead"], arch["num_encoder_layers"], arch["num_decoder_layers"],
-        arch["dim_feedforward"], dropout, arch["norm_first"], arch["activation"],
+        d_model=arch["d_model"], nhead=arch["nhead"], num_encoder_layers=arch["num_encoder_layers"],
+        num_decoder_layers=arch["num_decoder_layers"], dim_feedforward=arch["dim_feedforward"], dropout=dropout,
+        norm_first=arch["norm_first"], activation=arch["activation"],
     )
     model = DETR(
-        adapter, transformer, num_classes, arch["num_queries"], aux_loss, sigmoid_classes, anchor_queries,
-        box_refine, num_groups, two_stage, dn_groups, dn_label_noise, dn_box_noise, dn_contrastive,
+        adapter=adapter, transformer=transformer, num_classes=num_classes, num_queries=arch["num_queries"],
+        aux_loss=aux_loss, sigmoid_classes=sigmoid_classes, anchor_queries=anchor_queries, box_refine=box_refine,
+        num_groups=num_groups, two_stage=two_stage, dn_groups=dn_groups, dn_label_noise=dn_label_noise,
+        dn_box_noise=dn_box_noise, dn_contrastive=dn_contrastive,
     )
     model.settings, model.load_report = arch, None
     if source is not None:

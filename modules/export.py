@@ -20,7 +20,7 @@ class DetectorForExport(nn.Module):
     ``postprocess=False`` the raw heads ``pred_logits`` ``[B, Q, C(+1)]``, ``pred_boxes`` ``[B, Q, 4]``
     (normalised cxcywh)."""
 
-    def __init__(self, detr: nn.Module, *, top_k: int, postprocess: bool = True) -> None:
+    def __init__(self, *, detr: nn.Module, top_k: int, postprocess: bool = True) -> None:
         super().__init__()
         self.detr, self.postprocess = detr, postprocess
         self.sigmoid = bool(detr.sigmoid_classes)
@@ -52,7 +52,7 @@ class TaggerForExport(nn.Module):
     """A parallel-decoder multi-label model: ``scores`` ``[B, C]`` per-class probabilities (sigmoid),
     or the raw ``logits`` ``[B, C]`` with ``postprocess=False``."""
 
-    def __init__(self, model: nn.Module, *, postprocess: bool = True) -> None:
+    def __init__(self, *, model: nn.Module, postprocess: bool = True) -> None:
         super().__init__()
         self.model, self.postprocess = model, postprocess
 

@@ -45,8 +45,8 @@ class MarianVocab:
     (the decoder start) are model ids.
     """
 
-    def __init__(self, source_spm: bytes, target_spm: bytes, vocab: Mapping[str, int],
-                 target_vocab: Mapping[str, int] | None = None, *, unk: str = "<unk>", eos: str = "</s>",
+    def __init__(self, *, source_spm: bytes, target_spm: bytes, vocab: Mapping[str, int],
+                 target_vocab: Mapping[str, int] | None = None, unk: str = "<unk>", eos: str = "</s>",
                  pad: str = "<pad>", decoder_start_id: int | None = None, where: str = "vocab.json") -> None:
         try:
             import sentencepiece
@@ -93,8 +93,8 @@ class MarianVocab:
         separate = bool(settings.get("separate_vocabs", False))
         target_vocab = _read_json(folder / "target_vocab.json", required=True) if separate else None
         return cls(
-            (folder / "source.spm").read_bytes(), (folder / "target.spm").read_bytes(),
-            _read_json(folder / "vocab.json", required=True), target_vocab,
+            source_spm=(folder / "source.spm").read_bytes(), target_spm=(folder / "target.spm").read_bytes(),
+            vocab=_read_json(folder / "vocab.json", required=True), target_vocab=target_vocab,
             unk=_token(settings.get("unk_token"), "<unk>"), eos=_token(settings.get("eos_token"), "</s>"),
             pad=_token(settings.get("pad_token"), "<pad>"), decoder_start_id=config.get("decoder_start_token_id"),
             where=str(folder / "vocab.json"),
@@ -118,8 +118,8 @@ class MarianVocab:
             raise ValueError(f"tokenizer info of kind {info.get('kind')!r}, expected {KIND!r}")
         target = info.get("target_vocab_json")
         return cls(
-            base64.b64decode(info["source_spm"]), base64.b64decode(info["target_spm"]),
-            json.loads(info["vocab_json"]), None if target is None else json.loads(target),
+            source_spm=base64.b64decode(info["source_spm"]), target_spm=base64.b64decode(info["target_spm"]),
+            vocab=json.loads(info["vocab_json"]), target_vocab=None if target is None else json.loads(target),
             **dict(info["special"]), decoder_start_id=info["decoder_start_id"], where="data_info['tokenizer']",
         )
 

@@ -58,7 +58,7 @@ class AsymmetricLoss(nn.Module):
             "sum", or "none" (``[B, C]``).
     """
 
-    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8,
+    def __init__(self, *, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8,
                  reduction: str = "mean") -> None:
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
@@ -122,7 +122,7 @@ def multilabel_f1(tp: Tensor, fp: Tensor, fn: Tensor, present: Tensor | None = N
 class GroupFC(nn.Module):
     """One linear map per class: ``logit_c = <h_c, W_c> + b_c`` for hidden states ``[.., C, D]``."""
 
-    def __init__(self, num_classes: int, d_model: int) -> None:
+    def __init__(self, *, num_classes: int, d_model: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, d_model))
         self.bias = nn.Parameter(torch.zeros(num_classes))
@@ -148,13 +148,13 @@ class Query2Label(nn.Module):
     output goes through its own linear map (``GroupFC``), in float32 even under bf16 autocast.
     """
 
-    def __init__(self, adapter: ImageAdapter, transformer: Seq2SeqTransformer, num_classes: int) -> None:
+    def __init__(self, *, adapter: ImageAdapter, transformer: Seq2SeqTransformer, num_classes: int) -> None:
         super().__init__()
         if adapter.d_model != transformer.d_model:
             raise ValueError(f"adapter width {adapter.d_model} != transformer width {transformer.d_model}")
         self.adapter, self.transformer, self.num_classes = adapter, transformer, num_classes
         self.query_embed = nn.Embedding(num_classes, transformer.d_model)
-        self.head = GroupFC(num_classes, transformer.d_model)
+        self.head = GroupFC(num_classes=num_classes, d_model=transformer.d_model)
 
     def forward(self, images: Tensor, pixel_mask: Tensor) -> Tensor:
         """``images`` ``[B, 3, H, W]``, ``pixel_mask`` ``[B, H, W]`` (True = padding) -> logits ``[B, C]``."""
@@ -249,7 +249,7 @@ class LabelSequenceModel(nn.Module):
             frequencies, most frequent first.
     """
 
-    def __init__(self, adapter: ImageAdapter, transformer: Seq2SeqTransformer, num_classes: int,
+    def __init__(self, *, adapter: ImageAdapter, transformer: Seq2SeqTransformer, num_classes: int,
                  label_order: list[int] | None = None) -> None:
         super().__init__()
         if adapter.d_model != transformer.d_model:
@@ -344,6 +344,7 @@ class LabelSequenceModel(nn.Module):
 
 
 def build_multilabel(
+    *,
     num_classes: int,
     decoder: str = "parallel",
     label_order: list[int] | None = None,
@@ -370,12 +371,15 @@ def build_multilabel(
     if decoder not in ("parallel", "sequence"):
         raise ValueError(f"model.decoder must be 'parallel' or 'sequence', got {decoder!r}")
     adapter = ImageAdapter(
-        backbone, d_model, pretrained_backbone, frozen_bn, trainable_layers, stride, fuse_frozen_bn, channels_last
+        backbone=backbone, d_model=d_model, pretrained_backbone=pretrained_backbone, frozen_bn=frozen_bn,
+        trainable_layers=trainable_layers, stride=stride, fuse_frozen_bn=fuse_frozen_bn, channels_last=channels_last,
     )
     if transformer is None:
         transformer = Seq2SeqTransformer(
-            d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, norm_first, activation
+            d_model=d_model, nhead=nhead, num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
+            norm_first=norm_first, activation=activation,
         )
     if decoder == "parallel":
-        return Query2Label(adapter, transformer, num_classes)
-    return LabelSequenceModel(adapter, transformer, num_classes, label_order)
+        return Query2Label(adapter=adapter, transformer=transformer, num_classes=num_classes)
+    return LabelSequenceModel(adapter=adapter, transformer=transformer, num_classes=num_classes, label_order=label_order)

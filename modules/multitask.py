@@ -37,7 +37,7 @@ class TaskTransformer(nn.Module):
         init_std: standard deviation of the embedding's initial values.
     """
 
-    def __init__(self, shared: Seq2SeqTransformer, pos_at_every_layer: bool, embed: str = "decoder",
+    def __init__(self, *, shared: Seq2SeqTransformer, pos_at_every_layer: bool, embed: str = "decoder",
                  init_std: float = 0.1) -> None:
         super().__init__()
         if embed not in EMBED_WHERE:

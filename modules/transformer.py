@@ -215,7 +215,7 @@ class MultiheadAttention(nn.Module):
     positions: q = k = v, or DETR's q = k = x + pos) the matching rows run as one matmul.
     """
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
+    def __init__(self, *, d_model: int, nhead: int, dropout: float = 0.0) -> None:
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
@@ -333,7 +333,7 @@ class MultiheadAttention(nn.Module):
 
 
 class FeedForward(nn.Sequential):
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: str) -> None:
+    def __init__(self, *, d_model: int, dim_feedforward: int, dropout: float, activation: str) -> None:
         act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}.get(activation)
         if act is None:
             raise ValueError(f"activation must be 'relu', 'gelu' or 'silu' (swish, Marian's), got {activation!r}")
@@ -350,12 +350,12 @@ class FeedForward(nn.Sequential):
 
 class EncoderLayer(nn.Module):
     def __init__(
-        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, norm_first: bool, activation: str
+        self, *, d_model: int, nhead: int, dim_feedforward: int, dropout: float, norm_first: bool, activation: str
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
-        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.self_attn = MultiheadAttention(d_model=d_model, nhead=nhead, dropout=dropout)
+        self.ffn = FeedForward(d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop1, self.drop2 = Dropout(dropout), Dropout(dropout)
 
@@ -377,13 +377,13 @@ class EncoderLayer(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, norm_first: bool, activation: str
+        self, *, d_model: int, nhead: int, dim_feedforward: int, dropout: float, norm_first: bool, activation: str
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
-        self.cross_attn = MultiheadAttention(d_model, nhead, dropout)
-        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.self_attn = MultiheadAttention(d_model=d_model, nhead=nhead, dropout=dropout)
+        self.cross_attn = MultiheadAttention(d_model=d_model, nhead=nhead, dropout=dropout)
+        self.ffn = FeedForward(d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
         self.drop1, self.drop2, self.drop3 = (Dropout(dropout) for _ in range(3))
 
@@ -436,6 +436,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def __init__(
         self,
+        *,
         d_model: int = 256,
         nhead: int = 8,
         num_encoder_layers: int = 6,
@@ -445,15 +446,15 @@ class Seq2SeqTransformer(nn.Module):
         norm_first: bool = False,
         activation: str = "relu",
         pos_at_every_layer: bool = True,
-        *,
         final_norm: bool = True,
     ) -> None:
         super().__init__()
         self.d_model, self.nhead = d_model, nhead
         self.pos_at_every_layer = pos_at_every_layer
-        args = (d_model, nhead, dim_feedforward, dropout, norm_first, activation)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(num_encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(num_decoder_layers))
+        layer = {"d_model": d_model, "nhead": nhead, "dim_feedforward": dim_feedforward, "dropout": dropout,
+                 "norm_first": norm_first, "activation": activation}
+        self.encoder_layers = nn.ModuleList(EncoderLayer(**layer) for _ in range(num_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(**layer) for _ in range(num_decoder_layers))
         self.encoder_norm = nn.LayerNorm(d_model) if final_norm and norm_first and num_encoder_layers else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
         self._reset_parameters()

@@ -62,6 +62,7 @@ class TranslationModel(nn.Module):
 
     def __init__(
         self,
+        *,
         vocab_size: int,
         pad_id: int = 0,
         d_model: int = 256,
@@ -76,7 +77,6 @@ class TranslationModel(nn.Module):
         copy: bool = False,
         max_length: int = 256,
         transformer: Seq2SeqTransformer | None = None,
-        *,
         tgt_vocab_size: int | None = None,
         scale_embedding: bool = True,
         position_layout: str = "interleaved",
@@ -101,15 +101,16 @@ class TranslationModel(nn.Module):
             source.load_into(self, strict=init_strict)
 
     def _build(
-        self, vocab_size: int, pad_id: int, d_model: int, nhead: int, num_encoder_layers: int,
+        self, *, vocab_size: int, pad_id: int, d_model: int, nhead: int, num_encoder_layers: int,
         num_decoder_layers: int, dim_feedforward: int, dropout: float, norm_first: bool, activation: str,
         tie_embeddings: bool, copy: bool, max_length: int, transformer: Seq2SeqTransformer | None,
         tgt_vocab_size: int | None, scale_embedding: bool, position_layout: str, final_norm: bool,
         logits_bias: bool,
     ) -> None:
         self.transformer = transformer or Seq2SeqTransformer(
-            d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, norm_first,
-            activation, pos_at_every_layer=False, final_norm=final_norm,
+            d_model=d_model, nhead=nhead, num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
+            norm_first=norm_first, activation=activation, pos_at_every_layer=False, final_norm=final_norm,
         )
         d = self.transformer.d_model
         if copy and tgt_vocab_size is not None:

@@ -66,8 +66,10 @@ class DetectionTask(BaseTask):
         # weights sources are read once: the checkpoint keeps the architecture built (settings left null
         # come from model.init_from's source) and no source, so that it rebuilds without them
         self.hparams["model"] = {**model, **self.model.settings, "init_from": None, "pretrained_backbone": None}
-        matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, focal, focal_alpha, focal_gamma)
-        self.criterion = SetCriterion(data_info["num_classes"], matcher, eos_coef, focal, focal_alpha, focal_gamma)
+        matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou, focal=focal,
+                                   focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+        self.criterion = SetCriterion(num_classes=data_info["num_classes"], matcher=matcher, eos_coef=eos_coef,
+                                      focal=focal, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.loss_weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         self.top_k = top_k
         self.register_buffer(

@@ -27,9 +27,9 @@ def exportable(predictor, *, postprocess: bool = True, top_k: int | None = None)
     """The graph to export for a loaded checkpoint (``tasks.api.load``), in eval mode."""
     task, name = predictor.task, predictor.task_name
     if name == "detection":
-        return DetectorForExport(task.model, top_k=top_k or task.top_k, postprocess=postprocess).eval()
+        return DetectorForExport(detr=task.model, top_k=top_k or task.top_k, postprocess=postprocess).eval()
     if name == "multilabel" and not task.is_sequence:
-        return TaggerForExport(task.model, postprocess=postprocess).eval()
+        return TaggerForExport(model=task.model, postprocess=postprocess).eval()
     if name == "multilabel":
         raise ConfigError(f"{predictor.path}: a multi-label model with the sequence decoder decodes label by "
                           "label in Python; only the parallel decoder exports (use predict.py for this one).")

@@ -117,7 +117,8 @@ class MultiLabelTask(BaseTask):
         self.is_sequence = isinstance(self.model, LabelSequenceModel)
         if loss not in ("asl", "bce"):
             raise ValueError(f"task.loss must be 'asl' or 'bce', got {loss!r}")
-        self.criterion = AsymmetricLoss(gamma_neg, gamma_pos, clip) if loss == "asl" else AsymmetricLoss(0, 0, 0)
+        self.criterion = AsymmetricLoss(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip) if loss == "asl" \
+            else AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)
         self.threshold, self.num_samples = threshold, num_samples
         self.val_scores, self.test_scores = MultilabelScores(num_classes), MultilabelScores(num_classes)
         self._samples: list = []

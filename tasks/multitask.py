@@ -107,7 +107,9 @@ class MultiTask(BaseTask):
                     f"model.{name}.d_model={own.d_model} differs from model.shared.d_model="
                     f"{self.transformer.d_model}: the task's adapter and head must match the shared width"
                 )
-            child.model.transformer = TaskTransformer(self.transformer, own.pos_at_every_layer, task_embedding)
+            child.model.transformer = TaskTransformer(
+                shared=self.transformer, pos_at_every_layer=own.pos_at_every_layer, embed=task_embedding
+            )
             child.log_through(self, name)
             setattr(self, name, child)  # a direct child: Lightning hands it the trainer
         self._logged: dict[str, Tensor] = {}

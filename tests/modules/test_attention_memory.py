@@ -121,7 +121,7 @@ def test_multihead_attention_in_blocks_equals_unblocked(monkeypatch, dtype, caus
     autocast, the explicit path against the blocked one) to 2e-2 of each tensor's largest magnitude:
     the key/value gradients are sums over blocks rounded to bf16 (8-bit mantissa) at every step."""
     torch.manual_seed(0)
-    attn = tr.MultiheadAttention(32, 4).train()
+    attn = tr.MultiheadAttention(d_model=32, nhead=4).train()
     x = torch.randn(2, 29, 32)
     pad = torch.zeros(2, 29, dtype=torch.bool)
     pad[0, 20:] = True
@@ -158,7 +158,7 @@ taken = []
 choose = tr.attention_path
 tr.attention_path = lambda *a, **kw: taken.append(choose(*a, **kw)) or taken[-1]
 def call(n):
-    attn = tr.MultiheadAttention(H * D, H, dropout=drop).train()
+    attn = tr.MultiheadAttention(d_model=H * D, nhead=H, dropout=drop).train()
     x = torch.randn(B, n, H * D, requires_grad=True)
     pad = torch.zeros(B, n, dtype=torch.bool)
     pad[:, n // 3:] = masked

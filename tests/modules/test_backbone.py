@@ -29,7 +29,7 @@ def test_fused_frozen_bn_matches_unfused():
 
 @pytest.mark.parametrize("stride,grid", [(32, (2, 3)), (16, (4, 6))])
 def test_adapter_shapes_and_mask(stride, grid):
-    adapter = ImageAdapter("resnet18", 32, stride=stride)
+    adapter = ImageAdapter(backbone="resnet18", d_model=32, stride=stride)
     images = torch.randn(2, 3, 64, 96)
     mask = torch.zeros(2, 64, 96, dtype=torch.bool)
     mask[1, :, 64:] = True  # second image is 64x64, padded on the right
@@ -40,7 +40,7 @@ def test_adapter_shapes_and_mask(stride, grid):
 
 
 def test_trainable_layers_freeze_the_rest():
-    adapter = ImageAdapter("resnet18", 32, trainable_layers=1)
+    adapter = ImageAdapter(backbone="resnet18", d_model=32, trainable_layers=1)
     trainable = {n.split(".")[0] for n, p in adapter.body.named_parameters() if p.requires_grad}
     assert trainable == {"7"}  # layer4 is the 8th module of the body
 
@@ -49,13 +49,13 @@ def test_local_weights_load_and_bad_files_are_explained(tmp_path):
     ref = torchvision.models.resnet18(weights=None)
     path = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), path)
-    adapter = ImageAdapter("resnet18", 32, pretrained_backbone=str(path), fuse_frozen_bn=False)
+    adapter = ImageAdapter(backbone="resnet18", d_model=32, pretrained_backbone=str(path), fuse_frozen_bn=False)
     torch.testing.assert_close(adapter.body[0].weight, ref.conv1.weight)
     with pytest.raises(FileNotFoundError, match="not found"):
-        ImageAdapter("resnet18", 32, pretrained_backbone=str(tmp_path / "missing.pth"))
+        ImageAdapter(backbone="resnet18", d_model=32, pretrained_backbone=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="do not match"):
-        ImageAdapter("resnet50", 32, pretrained_backbone=str(path))
+        ImageAdapter(backbone="resnet50", d_model=32, pretrained_backbone=str(path))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not read"):
-        ImageAdapter("resnet18", 32, pretrained_backbone=str(junk))
+        ImageAdapter(backbone="resnet18", d_model=32, pretrained_backbone=str(junk))

@@ -25,14 +25,14 @@ TARGETS = [
 
 
 def test_loss_terms_names_and_aux():
-    losses = SetCriterion(3, HungarianMatcher())(make_outputs(), TARGETS)
+    losses = SetCriterion(num_classes=3, matcher=HungarianMatcher())(make_outputs(), TARGETS)
     assert set(losses) == {f"{k}{s}" for k in ("loss_ce", "loss_bbox", "loss_giou") for s in ("", "_0", "_1")}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
 
 
 def test_loss_invariant_to_permuting_predictions():
     out = make_outputs(aux=0)
-    crit = SetCriterion(3, HungarianMatcher())
+    crit = SetCriterion(num_classes=3, matcher=HungarianMatcher())
     base = crit(out, TARGETS)
     perm = torch.randperm(out["pred_logits"].shape[1], generator=torch.Generator().manual_seed(1))
     permuted = {"pred_logits": out["pred_logits"][:, perm], "pred_boxes": out["pred_boxes"][:, perm]}
@@ -48,7 +48,7 @@ def test_loss_semantics_match_hand_computation(dtype, rel):
     out = {k: v.to(dtype) for k, v in make_outputs(aux=0).items() if k != "aux_outputs"}
     targets = [{"labels": t["labels"], "boxes": t["boxes"].to(dtype)} for t in TARGETS]
     matcher = HungarianMatcher()
-    crit = SetCriterion(3, matcher, eos_coef=0.1)
+    crit = SetCriterion(num_classes=3, matcher=matcher, eos_coef=0.1)
     losses = crit(out, targets)
     assert {v.dtype for v in losses.values()} == {dtype}
     idx = matcher(out, targets)
@@ -78,7 +78,7 @@ def test_half_types_are_computed_in_float32_and_float64_stays(focal):
     for dtype, want in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)):
         out = {k: v[..., :c].to(dtype) if k == "pred_logits" else v.to(dtype)
                for k, v in make_outputs(aux=0).items() if k != "aux_outputs"}
-        crit = SetCriterion(3, HungarianMatcher(focal=focal), focal=focal)
+        crit = SetCriterion(num_classes=3, matcher=HungarianMatcher(focal=focal), focal=focal)
         assert {v.dtype for v in crit(out, TARGETS).values()} == {want}, dtype
 
 
@@ -88,7 +88,7 @@ def test_empty_targets_give_finite_loss_and_gradient():
         d["pred_logits"].requires_grad_(True)
         d["pred_boxes"].requires_grad_(True)
     empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)} for _ in range(2)]
-    losses = SetCriterion(3, HungarianMatcher())(out, empty)
+    losses = SetCriterion(num_classes=3, matcher=HungarianMatcher())(out, empty)
     assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
     total = weighted_loss(losses, {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2})
     total.backward()
@@ -115,7 +115,7 @@ def test_evaluation_loss_runs_no_collective(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    crit, out = SetCriterion(3, HungarianMatcher()), make_outputs(aux=0)
+    crit, out = SetCriterion(num_classes=3, matcher=HungarianMatcher()), make_outputs(aux=0)
     synced = crit(out, TARGETS)
     assert len(calls) == 1 and calls[0].item() == 4.0
     local = crit(out, TARGETS, across_processes=False)

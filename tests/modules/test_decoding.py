@@ -34,7 +34,7 @@ def one_thread():
 def tiny_model(copy=False, seed=0, vocab=VOCAB, max_length=64):
     torch.manual_seed(seed)
     return TranslationModel(
-        vocab, PAD, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+        vocab_size=vocab, pad_id=PAD, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
         dropout=0.0, copy=copy, max_length=max_length,
     ).eval()
 
@@ -200,7 +200,7 @@ def test_max_len_is_respected_and_eos_forced(a, b):
     src, mask = source(seed=6)
     src_len = (~mask).sum(1).tolist()
     expected = [max(math.floor(a * n + b), 1) for n in src_len]
-    assert max_lengths(model, src, mask, a, b).tolist() == expected
+    assert max_lengths(model, src, mask, max_len_a=a, max_len_b=b).tolist() == expected
     kw = dict(max_len_a=a, max_len_b=b, logits_processor=never_eos)
     outputs = [
         greedy_decode(model, src, mask, **ids, **kw),
@@ -218,8 +218,8 @@ def test_max_len_is_respected_and_eos_forced(a, b):
 def test_max_len_is_capped_by_argument_and_position_table():
     model = tiny_model(max_length=4)  # position table: max(4, 1024) + 2 rows
     src, mask = source()
-    assert max_lengths(model, src, mask, 1000.0, 0).max() == model.positions.shape[0]
-    assert max_lengths(model, src, mask, 1.0, 50, max_len_cap=5).tolist() == [5, 5, 5, 5]
+    assert max_lengths(model, src, mask, max_len_a=1000.0, max_len_b=0).max() == model.positions.shape[0]
+    assert max_lengths(model, src, mask, max_len_a=1.0, max_len_b=50, max_len_cap=5).tolist() == [5, 5, 5, 5]
     out = greedy_decode(model, src, mask, **ids, max_len_b=50, max_len_cap=5, logits_processor=never_eos)
     assert out.shape == (4, 5)
 
@@ -337,7 +337,7 @@ def copy_batch(n, g, reverse=False):
 def task_model(seed):
     torch.manual_seed(seed)
     return TranslationModel(
-        TASK_VOCAB, PAD, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+        vocab_size=TASK_VOCAB, pad_id=PAD, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
         dropout=0.0, max_length=16,
     )
 
@@ -450,7 +450,7 @@ def nat_copier():
 
 def test_nat_decode_copies_with_right_lengths(nat_copier):
     src, pad, lengths, tgt = copy_batch(200, torch.Generator().manual_seed(77))
-    out = nat_decode(nat_copier, src, pad, MASK, EOS, PAD)
+    out = nat_decode(nat_copier, src, pad, mask_id=MASK, eos_id=EOS, pad_id=PAD)
     assert_well_formed(out)
     predicted = torch.tensor([len(strip(row)) - 1 for row in out])
     assert float((predicted == lengths).float().mean()) >= 0.95
@@ -461,7 +461,7 @@ def test_nat_decode_copies_with_right_lengths(nat_copier):
 
 def test_mask_predict_does_not_lower_the_models_confidence(nat_copier):
     src, pad, _, _ = copy_batch(200, torch.Generator().manual_seed(78))
-    runs = [nat_decode(nat_copier, src, pad, MASK, EOS, PAD, iterations=n, return_scores=True) for n in (1, 2, 4)]
+    runs = [nat_decode(nat_copier, src, pad, mask_id=MASK, eos_id=EOS, pad_id=PAD, iterations=n, return_scores=True) for n in (1, 2, 4)]
     (_, once), (_, twice), (_, four) = runs
     assert float(twice.mean()) >= float(once.mean()) - 1e-6
     assert float(four.mean()) >= float(once.mean()) - 1e-6
@@ -474,8 +474,8 @@ def test_mask_predict_does_not_lower_the_models_confidence(nat_copier):
 
 def test_nat_length_beam_picks_the_most_confident_candidate(nat_copier):
     src, pad, lengths, _ = copy_batch(50, torch.Generator().manual_seed(79))
-    one, s1 = nat_decode(nat_copier, src, pad, MASK, EOS, PAD, return_scores=True)
-    three, s3 = nat_decode(nat_copier, src, pad, MASK, EOS, PAD, length_beam=3, return_scores=True)
+    one, s1 = nat_decode(nat_copier, src, pad, mask_id=MASK, eos_id=EOS, pad_id=PAD, return_scores=True)
+    three, s3 = nat_decode(nat_copier, src, pad, mask_id=MASK, eos_id=EOS, pad_id=PAD, length_beam=3, return_scores=True)
     assert bool((s3 >= s1 - 1e-6).all())
     assert_well_formed(three)
 
@@ -483,11 +483,11 @@ def test_nat_length_beam_picks_the_most_confident_candidate(nat_copier):
 def test_nat_decode_on_an_untrained_model_is_well_formed():
     model = tiny_model(seed=10, max_length=12)
     src, mask = source(seed=10)
-    out, scores = nat_decode(model, src, mask, MASK, EOS, PAD, iterations=3, length_beam=2, return_scores=True)
+    out, scores = nat_decode(model, src, mask, mask_id=MASK, eos_id=EOS, pad_id=PAD, iterations=3, length_beam=2, return_scores=True)
     assert_well_formed(out)
     assert not bool((out == MASK).any())
     assert out.shape[1] <= 12 + 1 and scores.shape == (4,)
-    raw = nat_decode(model, src, mask, MASK, EOS, PAD, iterations=3, length_beam=2, append_eos=False)
+    raw = nat_decode(model, src, mask, mask_id=MASK, eos_id=EOS, pad_id=PAD, iterations=3, length_beam=2, append_eos=False)
     assert raw.shape[1] <= 12
     for row, raw_row in zip(out, raw.tolist()):
         kept = strip(row)[:-1]
@@ -521,14 +521,14 @@ def test_nat_decode_cuts_at_eos_or_appends_it():
     """Works whether the length head counts the target's EOS (the model predicts ``.. EOS``) or not."""
     stub = StubNAT([4, 3], [[5, 6, EOS, 7], [5, 6, 7, 8]])
     src = torch.ones(2, 3, dtype=torch.long)
-    assert nat_decode(stub, src, None, MASK, EOS, PAD).tolist() == [[5, 6, EOS, PAD], [5, 6, 7, EOS]]
-    raw = nat_decode(stub, src, None, MASK, EOS, PAD, append_eos=False)
+    assert nat_decode(stub, src, None, mask_id=MASK, eos_id=EOS, pad_id=PAD).tolist() == [[5, 6, EOS, PAD], [5, 6, 7, EOS]]
+    raw = nat_decode(stub, src, None, mask_id=MASK, eos_id=EOS, pad_id=PAD, append_eos=False)
     assert raw.tolist() == [[5, 6, EOS, 7], [5, 6, 7, PAD]]
 
 
 def test_mask_predict_remasks_the_scheduled_number_of_tokens():
     stub = StubNAT([4, 3], [[5, 6, 7, 8], [5, 6, 7, 8]])
-    out = nat_decode(stub, torch.ones(2, 3, dtype=torch.long), None, MASK, EOS, PAD, iterations=4)
+    out = nat_decode(stub, torch.ones(2, 3, dtype=torch.long), None, mask_id=MASK, eos_id=EOS, pad_id=PAD, iterations=4)
     # first pass: everything masked; then n = floor(L * (T - i) / T) for i = 1, 2, 3
     assert stub.masked == [[4, 3], [3, 2], [2, 1], [1, 0]]
     assert out.tolist() == [[5, 6, 7, 8, EOS], [5, 6, 7, EOS, PAD]]
@@ -545,11 +545,11 @@ def test_packed_weights_do_not_change_the_decoded_tokens(copy, monkeypatch):
         pytest.skip("this torch build has no oneDNN (float32 packing works on every x86 CPU with it)")
     model = tiny_model(copy, vocab=40)
     src, mask = source(width=9, seed=4)
-    fast = (greedy_decode(model, src, mask, BOS, EOS, PAD),
-            beam_search(model, src, mask, BOS, EOS, PAD, beam_size=3, n_best=2))
+    fast = (greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD),
+            beam_search(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=3, n_best=2))
     monkeypatch.setattr(packed, "_available", {torch.float32: False})
-    slow = (greedy_decode(model, src, mask, BOS, EOS, PAD),
-            beam_search(model, src, mask, BOS, EOS, PAD, beam_size=3, n_best=2))
+    slow = (greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD),
+            beam_search(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=3, n_best=2))
     assert torch.equal(fast[0], slow[0])
     for hyps_fast, hyps_slow in zip(fast[1], slow[1]):
         assert [h.tolist() for h, _ in hyps_fast] == [h.tolist() for h, _ in hyps_slow]
@@ -572,8 +572,8 @@ def test_decoding_without_the_private_ops_gives_the_same_tokens(broken, precisio
 
     def run():
         with autocast:
-            return (greedy_decode(model, src, mask, BOS, EOS, PAD),
-                    beam_search(model, src, mask, BOS, EOS, PAD, beam_size=3, n_best=2))
+            return (greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD),
+                    beam_search(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=3, n_best=2))
 
     monkeypatch.setattr(packed, "_available", {torch.float32: False, torch.bfloat16: False})
     want = run()
@@ -604,11 +604,11 @@ def test_min_len_keeps_eos_out_of_the_first_tokens():
         return log_probs
 
     runs = {
-        "greedy": lambda **kw: greedy_decode(model, src, mask, BOS, EOS, PAD, logits_processor=eos_first, **kw),
-        "sample": lambda **kw: sample_decode(model, src, mask, BOS, EOS, PAD, logits_processor=eos_first,
+        "greedy": lambda **kw: greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, logits_processor=eos_first, **kw),
+        "sample": lambda **kw: sample_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, logits_processor=eos_first,
                                              generator=torch.Generator().manual_seed(0), **kw),
         "beam": lambda **kw: pad_hypotheses([h[0][0] for h in beam_search(
-            model, src, mask, BOS, EOS, PAD, beam_size=3, logits_processor=eos_first, **kw)], PAD),
+            model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=3, logits_processor=eos_first, **kw)], PAD),
     }
     for name, run in runs.items():
         assert run(max_len_a=0, max_len_b=8)[:, 0].tolist() == [EOS] * 4, name
@@ -632,10 +632,10 @@ def test_raw_logits_path_gives_the_log_prob_paths_tokens():
 
     memory = model.encode(src, mask)
     assert _Stepper(model, memory, mask, src, True, raw=True).options == {"output": "logits"}  # the raw path runs
-    assert torch.equal(greedy_decode(model, src, mask, BOS, EOS, PAD),
-                       greedy_decode(model, src, mask, BOS, EOS, PAD, logits_processor=identity))
+    assert torch.equal(greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD),
+                       greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, logits_processor=identity))
     for kw in ({"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}):
-        raw = sample_decode(model, src, mask, BOS, EOS, PAD, generator=torch.Generator().manual_seed(1), **kw)
-        normalised = sample_decode(model, src, mask, BOS, EOS, PAD, generator=torch.Generator().manual_seed(1),
+        raw = sample_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(1), **kw)
+        normalised = sample_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(1),
                                    logits_processor=identity, **kw)
         assert torch.equal(raw, normalised), kw

@@ -37,7 +37,7 @@ def batch(seed=0):
 
 def model(seed=0, **kw):
     torch.manual_seed(seed)
-    return build_detr(C, **{**TINY, **kw})
+    return build_detr(num_classes=C, **{**TINY, **kw})
 
 
 # --- focal loss and focal matching cost ------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_focal_matching_cost_is_focal_loss_of_the_class_minus_that_of_background
 
 
 def test_focal_classification_loss_matches_the_formula_and_ignores_easy_negatives():
-    crit = SetCriterion(C, HungarianMatcher(focal=True), focal=True, focal_alpha=0.25, focal_gamma=2.0)
+    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(focal=True), focal=True, focal_alpha=0.25, focal_gamma=2.0)
     logits = torch.tensor([[[3.0, -2.0, -1.0], [-6.0, -6.0, -6.0]]])
     target = torch.tensor([[0, C]])  # query 0 is class 0, query 1 background
     p = logits.sigmoid()
@@ -84,7 +84,7 @@ def test_denoising_noise_stays_within_its_bounds():
     g = torch.Generator().manual_seed(0)
     targets = [{"labels": torch.randint(0, C, (5,), generator=g), "boxes": torch.rand(5, 2, generator=g).mul(0.4).add(0.3)
                 .repeat(1, 2) * torch.tensor([1, 1, 0.5, 0.5])} for _ in range(40)]
-    dn = make_denoising_queries(targets, C, groups=4, label_noise=0.5, box_noise=0.4, contrastive=True, generator=g)
+    dn = make_denoising_queries(targets, num_classes=C, groups=4, label_noise=0.5, box_noise=0.4, contrastive=True, generator=g)
     assert dn.labels.shape == (40, 4 * 2 * 5) and dn.boxes.shape == (40, 40, 4)
     gt = torch.stack([t["boxes"] for t in targets])[:, None, None]  # [B, 1, 1, n, 4]
     noised = dn.boxes.view(40, 4, 2, 5, 4)
@@ -99,12 +99,12 @@ def test_denoising_noise_stays_within_its_bounds():
 
 
 def test_denoising_pads_to_the_largest_image_and_marks_padding():
-    dn = make_denoising_queries(TARGETS, C, groups=2, label_noise=0.0, box_noise=0.0, contrastive=False)
+    dn = make_denoising_queries(TARGETS, num_classes=C, groups=2, label_noise=0.0, box_noise=0.0, contrastive=False)
     assert dn.n_max == 2 and dn.num_queries == 4
     assert dn.labels.tolist() == [[0, 2, 0, 2], [1, C, 1, C]]
     torch.testing.assert_close(dn.boxes[0, :2], TARGETS[0]["boxes"])
     assert make_denoising_queries([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}],
-                                  C, 2, 0.5, 0.4, True) is None
+                                  num_classes=C, groups=2, label_noise=0.5, box_noise=0.4, contrastive=True) is None
 
 
 def test_attention_mask_hides_the_answers_and_separates_groups():
@@ -114,7 +114,7 @@ def test_attention_mask_hides_the_answers_and_separates_groups():
     assert m[:2, 2:4].all() and m[2:4, :2].all()  # denoising groups do not see each other
     assert not m[:4, 4:].any()  # denoising queries may read the matching ones
     assert m[4:7, 7:].all() and m[7:, 4:7].all() and not m[4:7, 4:7].any()  # query groups are separate
-    assert query_attention_mask(0, 0, 1, 5) is None
+    assert query_attention_mask(num_dn=0, dn_groups=0, num_groups=1, num_queries=5) is None
 
 
 def test_matching_predictions_do_not_depend_on_denoising_queries():
@@ -131,8 +131,8 @@ def test_matching_predictions_do_not_depend_on_denoising_queries():
 
 
 def test_denoising_loss_rewards_reconstruction_and_rejects_negatives():
-    dn = make_denoising_queries(TARGETS, C, groups=2, label_noise=0.5, box_noise=0.4, contrastive=True)
-    crit = SetCriterion(C, HungarianMatcher(), eos_coef=0.1)
+    dn = make_denoising_queries(TARGETS, num_classes=C, groups=2, label_noise=0.5, box_noise=0.4, contrastive=True)
+    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(), eos_coef=0.1)
     b, t = 2, dn.num_queries
     layout = torch.zeros(b, dn.groups, dn.copies, dn.n_max, dtype=torch.long)  # target class per slot
     boxes = torch.full((b, dn.groups, dn.copies, dn.n_max, 4), 0.5)
@@ -207,7 +207,7 @@ def test_query_groups_are_independent_while_training_and_only_the_first_runs_at_
 def test_each_group_is_matched_one_to_one_on_its_own():
     g = torch.Generator().manual_seed(0)
     one = {"pred_logits": torch.randn(2, 6, C + 1, generator=g), "pred_boxes": torch.rand(2, 6, 4, generator=g) * 0.5 + 0.2}
-    crit = SetCriterion(C, HungarianMatcher())
+    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher())
     single = crit(one, TARGETS)
     # three groups: identical copies -> the same (group-averaged) loss; one-to-one *per group*
     three = {k: v.repeat(1, 3, 1) for k, v in one.items()} | {"num_groups": 3}
@@ -267,7 +267,7 @@ def test_every_switch_trains_end_to_end():
     """All switches together: forward, loss (with every part's terms), backward reaching the backbone."""
     net = model(anchor_queries=True, box_refine=True, num_groups=2, two_stage=True, dn_groups=2,
                 sigmoid_classes=True, trainable_layers=5, frozen_bn=False).train()
-    crit = SetCriterion(C, HungarianMatcher(focal=True), focal=True)
+    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(focal=True), focal=True)
     losses = crit(net(*batch(), TARGETS), TARGETS)
     assert {"loss_ce_enc", "loss_bbox_dn", "loss_giou_dn_1", "loss_ce_1"} <= set(losses)
     sum(losses.values()).backward()

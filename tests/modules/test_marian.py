@@ -42,7 +42,7 @@ def source(tmp_path_factory):
 
 
 def ours_from(folder, sizes) -> TranslationModel:
-    return TranslationModel(sizes["vocab_size"], sizes["pad"], init_from=str(folder), dropout=0.0).eval()
+    return TranslationModel(vocab_size=sizes["vocab_size"], pad_id=sizes["pad"], init_from=str(folder), dropout=0.0).eval()
 
 
 def src_batch(tokenizer, n=10, start=1000):
@@ -103,7 +103,7 @@ def test_greedy_tokens_equal_hf_generate(source):
     src, mask = src_batch(tokenizer)
     want = hf.generate(input_ids=src, attention_mask=mask, num_beams=1, do_sample=False, max_new_tokens=MAX_NEW,
                        bad_words_ids=[[pad]], forced_eos_token_id=EOS)
-    got = greedy_decode(model, src, mask == 0, pad, EOS, pad, max_len_a=0, max_len_b=MAX_NEW)
+    got = greedy_decode(model, src, mask == 0, bos_id=pad, eos_id=EOS, pad_id=pad, max_len_a=0, max_len_b=MAX_NEW)
     assert [cut(r) for r in got.tolist()] == [cut(r[1:]) for r in want.tolist()]
     lengths = {len(cut(r)) for r in got.tolist()}
     assert len(lengths) > 2 and MAX_NEW in lengths  # natural ends of several lengths, and the forced one
@@ -115,7 +115,7 @@ def test_beam5_best_hypothesis_equals_hf_generate(source):
     src, mask = src_batch(tokenizer)
     want = hf.generate(input_ids=src, attention_mask=mask, num_beams=5, do_sample=False, max_new_tokens=MAX_NEW,
                        bad_words_ids=[[pad]], forced_eos_token_id=EOS, length_penalty=1.0, early_stopping=True)
-    got = beam_search(model, src, mask == 0, pad, EOS, pad, beam_size=5, length_penalty=1.0, max_len_a=0,
+    got = beam_search(model, src, mask == 0, bos_id=pad, eos_id=EOS, pad_id=pad, beam_size=5, length_penalty=1.0, max_len_a=0,
                       max_len_b=MAX_NEW, early_stopping=True)
     want_rows = [cut(r[1:]) for r in want.tolist()]
     assert all(len(r) < MAX_NEW and r[-1] == EOS for r in want_rows)  # every sentence ended by itself
@@ -128,7 +128,7 @@ def test_separate_vocabularies_and_untied_head(tmp_path):
 
     hf, sizes = write_marian_source(tmp_path, separate=True, tie=False, seed=1)
     tokenizer = MarianTokenizer.from_pretrained(tmp_path)
-    model = TranslationModel(sizes["vocab_size"], sizes["pad"], init_from=str(tmp_path), dropout=0.0).eval()
+    model = TranslationModel(vocab_size=sizes["vocab_size"], pad_id=sizes["pad"], init_from=str(tmp_path), dropout=0.0).eval()
     assert model.settings["tgt_vocab_size"] == sizes["tgt_vocab_size"] != sizes["vocab_size"]
     assert model.output.weight is not model.target_embed.weight
     vocab = MarianVocab.from_folder(tmp_path)
@@ -157,9 +157,9 @@ def test_rebuilt_from_settings_without_the_source(source):
 def test_data_tokenizer_that_is_not_the_models_is_an_error(source):
     folder, _, _, sizes = source
     with pytest.raises(ValueError, match="data.tokenizer"):
-        TranslationModel(8000, 0, init_from=str(folder))  # a BPE vocabulary with pad 0
+        TranslationModel(vocab_size=8000, pad_id=0, init_from=str(folder))  # a BPE vocabulary with pad 0
     with pytest.raises(ValueError, match="pad id"):
-        TranslationModel(sizes["vocab_size"], 0, init_from=str(folder))
+        TranslationModel(vocab_size=sizes["vocab_size"], pad_id=0, init_from=str(folder))
 
 
 def test_bad_sources_are_one_line_errors(tmp_path, source):
@@ -179,7 +179,7 @@ def test_bad_sources_are_one_line_errors(tmp_path, source):
     del weights["model.encoder.layers.1.fc2.bias"]
     save_file(weights, str(broken / "model.safetensors"))
     with pytest.raises(ValueError, match="fc2|extra"):
-        TranslationModel(sizes["vocab_size"], sizes["pad"], init_from=str(broken))
+        TranslationModel(vocab_size=sizes["vocab_size"], pad_id=sizes["pad"], init_from=str(broken))
 
 
 def test_hf_reference_without_network_or_cache_is_a_one_line_error(tmp_path, monkeypatch):

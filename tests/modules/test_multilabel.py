@@ -47,7 +47,7 @@ def test_asl_is_bce_without_focusing_and_clipping():
     targets = (torch.rand(6, 5, generator=g) > 0.5).float()
     loss = AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)
     assert torch.allclose(loss(logits, targets), F.binary_cross_entropy_with_logits(logits, targets), atol=1e-6)
-    per = AsymmetricLoss(0, 0, 0, reduction="none")(logits, targets)
+    per = AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0, reduction="none")(logits, targets)
     assert torch.allclose(per, F.binary_cross_entropy_with_logits(logits, targets, reduction="none"), atol=1e-6)
 
 
@@ -58,12 +58,12 @@ def test_asl_hand_computed_values():
     assert out[0].item() == pytest.approx(-(0.5**1) * math.log(0.5), rel=1e-5)  # positive: (1-p)^1 log p
     assert out[1].item() == pytest.approx(-(0.45**4) * math.log(0.55), rel=1e-5)  # p_m = p - clip
     assert out[2].item() == pytest.approx(0.0, abs=1e-7)  # p < clip: an easy negative is discarded
-    assert AsymmetricLoss(4, 1, 0.05, reduction="sum")(x, y).item() == pytest.approx(out.sum().item(), rel=1e-6)
+    assert AsymmetricLoss(gamma_neg=4, gamma_pos=1, clip=0.05, reduction="sum")(x, y).item() == pytest.approx(out.sum().item(), rel=1e-6)
 
 
 def test_asl_down_weights_easy_negatives_more_than_bce():
     x, y = torch.full((1, 4), -2.0), torch.zeros(1, 4)
-    assert AsymmetricLoss(4, 0, 0.05)(x, y) < 0.01 * AsymmetricLoss(0, 0, 0)(x, y)
+    assert AsymmetricLoss(gamma_neg=4, gamma_pos=0, clip=0.05)(x, y) < 0.01 * AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)(x, y)
 
 
 # metrics ------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_emitted_labels_are_masked():
 
 def sequence_model(num_classes=4, seed=0, order=None) -> LabelSequenceModel:
     torch.manual_seed(seed)
-    return build_multilabel(num_classes, "sequence", label_order=order, **TINY).eval()
+    return build_multilabel(num_classes=num_classes, decoder="sequence", label_order=order, **TINY).eval()
 
 
 def test_decoding_never_repeats_a_label():
@@ -164,13 +164,13 @@ def test_scores_stop_at_eos():
 
 # models ---------------------------------------------------------------------------------------------
 def test_models_share_a_transformer_instance():
-    q2l = build_multilabel(3, "parallel", **TINY)
-    seq = build_multilabel(3, "sequence", transformer=q2l.transformer, **TINY)
+    q2l = build_multilabel(num_classes=3, decoder="parallel", **TINY)
+    seq = build_multilabel(num_classes=3, decoder="sequence", transformer=q2l.transformer, **TINY)
     assert isinstance(q2l, Query2Label) and seq.transformer is q2l.transformer
     images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
     assert q2l(images, mask).shape == (2, 3)
     with pytest.raises(ValueError, match="decoder"):
-        build_multilabel(3, "recurrent", **TINY)
+        build_multilabel(num_classes=3, decoder="recurrent", **TINY)
 
 
 def easy_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,10 +193,10 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
 def test_tiny_model_learns_an_easy_multilabel_task(decoder):
     """Both decoders reach mAP >= 0.95 on held-out images within 150 steps (a few seconds)."""
     torch.manual_seed(0)
-    model = build_multilabel(4, decoder, label_order=[2, 0, 3, 1], **TINY)
+    model = build_multilabel(num_classes=4, decoder=decoder, label_order=[2, 0, 3, 1], **TINY)
     test_images, test_mask, test_labels = easy_batch(64, seed=99)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    loss_fn = AsymmetricLoss(0, 0, 0)
+    loss_fn = AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)
 
     def evaluate() -> float:
         model.eval()

@@ -17,7 +17,7 @@ VOCAB = 20
 def tiny_model(copy=False, seed=0, norm_first=True):
     torch.manual_seed(seed)
     return TranslationModel(
-        VOCAB, PAD, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+        vocab_size=VOCAB, pad_id=PAD, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
         dropout=0.0, norm_first=norm_first, copy=copy, max_length=32,
     ).eval()
 
@@ -67,7 +67,7 @@ def test_copy_gate_open_equals_the_plain_softmax():
         model.copy_gate.weight.zero_()
         model.copy_gate.bias.fill_(1e4)  # p_gen = 1: generate only
     plain = TranslationModel(
-        VOCAB, PAD, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+        vocab_size=VOCAB, pad_id=PAD, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
         dropout=0.0, copy=False, max_length=32,
     ).eval()
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)

@@ -242,9 +242,9 @@ def test_torchvision_weights_enum_uses_the_cache_and_explains_offline(tmp_path, 
     folder = tmp_path / "torch" / "hub" / "checkpoints"
     folder.mkdir(parents=True)
     torch.save(ref.state_dict(), folder / "resnet18-f37072fd.pth")  # IMAGENET1K_V1's file name
-    adapter = ImageAdapter("resnet18", 32, pretrained_backbone="IMAGENET1K_V1", fuse_frozen_bn=False)
+    adapter = ImageAdapter(backbone="resnet18", d_model=32, pretrained_backbone="IMAGENET1K_V1", fuse_frozen_bn=False)
     torch.testing.assert_close(adapter.body[0].weight, ref.conv1.weight, rtol=0, atol=0)
-    adapter = ImageAdapter("resnet18", 32, pretrained_backbone="DEFAULT", fuse_frozen_bn=False)  # = V1 for r18
+    adapter = ImageAdapter(backbone="resnet18", d_model=32, pretrained_backbone="DEFAULT", fuse_frozen_bn=False)  # = V1 for r18
     torch.testing.assert_close(adapter.body[0].weight, ref.conv1.weight, rtol=0, atol=0)
 
     def offline(*args, **kwargs):
@@ -252,6 +252,6 @@ def test_torchvision_weights_enum_uses_the_cache_and_explains_offline(tmp_path, 
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(FileNotFoundError) as info:
-        ImageAdapter("resnet50", 32, pretrained_backbone="IMAGENET1K_V2")
+        ImageAdapter(backbone="resnet50", d_model=32, pretrained_backbone="IMAGENET1K_V2")
     message = str(info.value)
     assert "\n" not in message and "resnet50-11ad3fa6.pth" in message and str(folder) in message
