@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from datamodules.coco import DataError
+from modules.private_api import PrivateAPIError
 from tasks.runtime import ConfigError, open_overrides, register_resolvers, register_schema, to_plain
 
 register_resolvers()
@@ -156,7 +157,7 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg, list(HydraConfig.get().overrides.task))
     except MissingMandatoryValue as e:
         sys.exit(f"error: missing mandatory value {e.full_key} — set it on the command line, e.g. {e.full_key}=...")
-    except (ConfigError, InstantiationException, DataError) as e:
+    except (ConfigError, InstantiationException, DataError, PrivateAPIError) as e:
         sys.exit(f"error: {e}")
 
 

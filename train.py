@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from datamodules.coco import DataError
+from modules.private_api import PrivateAPIError
 from tasks.reliability import RunGuard, TrainingInterrupted
 from tasks.runtime import (
     ConfigError,
@@ -145,7 +146,7 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
     except MissingMandatoryValue as e:  # a ??? in the config that the command line did not fill
         sys.exit(f"error: missing mandatory value {e.full_key} — set it on the command line, e.g. {e.full_key}=...")
-    except (ConfigError, InstantiationException, DataError) as e:  # user mistakes: no traceback
+    except (ConfigError, InstantiationException, DataError, PrivateAPIError) as e:  # user mistakes: no traceback
         sys.exit(f"error: {e}")
 
 

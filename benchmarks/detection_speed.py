@@ -43,6 +43,7 @@ from benchmarks.reference_detr import (  # noqa: E402
     reference_postprocess,
     reference_total_loss,
 )
+from modules import private_api  # noqa: E402
 from modules.criterion import SetCriterion, weighted_loss  # noqa: E402
 from modules.detr import build_detr, postprocess  # noqa: E402
 from modules.matcher import HungarianMatcher  # noqa: E402
@@ -141,12 +142,8 @@ def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None,
 
 def _flop_mapping() -> dict:
     """FlopCounterMode has no formula for the CPU flash-attention kernels: count them like SDPA."""
-    aten, mapping = torch.ops.aten, {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_forward_flops
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flops
-    return mapping
+    formulas = {"forward": _sdpa_cpu_forward_flops, "backward": _sdpa_cpu_backward_flops}
+    return {op: formulas[kind] for kind, op in private_api.cpu_flash_attention_ops().items()}
 
 
 # ---------------------------------------------------------------------------------------- synthetic data

@@ -26,13 +26,13 @@ Shapes: ``B`` batch, ``Q`` queries, ``C`` classes (+1 = no-object), ``D`` width,
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 _TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
@@ -79,7 +79,9 @@ class ReferenceBackbone(nn.Module):
             if not any(stage in pname for stage in ("layer2", "layer3", "layer4")):
                 p.requires_grad_(False)
         last = {32: "layer4", 16: "layer3"}[stride]
-        self.body = IntermediateLayerGetter(trunk, return_layers={last: "0"})
+        # the trunk's children up to ``last``, under their own names (the original's parameter names)
+        children = list(trunk.named_children())
+        self.body = nn.Sequential(OrderedDict(children[: [n for n, _ in children].index(last) + 1]))
         self.num_channels = _TRUNK_CHANNELS[name] // (32 // stride)
 
     def forward(
@@ -87,7 +89,7 @@ class ReferenceBackbone(nn.Module):
         images: Tensor,  # [B, 3, H, W]
         pixel_mask: Tensor,  # [B, H, W] bool, True on padding
     ) -> tuple[Tensor, Tensor]:  # features [B, C_trunk, h, w], mask [B, h, w]
-        feature = self.body(images)["0"]
+        feature = self.body(images)
         # the batch dimension is treated as channels here, as in the original
         mask = F.interpolate(pixel_mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
         return feature, mask

@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:  # runnable without PYTHONPATH
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_model, emit_json, max_rss_mib  # noqa: E402
+from modules import private_api  # noqa: E402
 from modules.decoding import beam_search, greedy_decode, pad_hypotheses  # noqa: E402
 from modules.translation import TranslationModel, shift_right  # noqa: E402
 
@@ -213,8 +214,8 @@ def build_model(impl: str, setting: Setting, vocab_size: int, args: argparse.Nam
         import transformers
 
         transformers.logging.set_verbosity_error()
-        config = transformers.MarianConfig(**marian_config_kwargs(setting, vocab_size, args))
-        config._attn_implementation = args.marian_attn
+        config = transformers.MarianConfig(**marian_config_kwargs(setting, vocab_size, args),
+                                           attn_implementation=args.marian_attn)
         return transformers.MarianMTModel(config)
     raise ValueError(f"unknown implementation {impl!r}; choose among {IMPLS}")
 
@@ -229,7 +230,7 @@ def model_info(impl: str, model: torch.nn.Module) -> dict:
     total, trainable = count_params(model)
     info = {"params_m": total, "trainable_params_m": trainable}
     if impl == "marian":
-        info["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        info["attn_implementation"] = private_api.hf_attention_implementation(model.config)
         info["activation_function"] = model.config.activation_function
     return info
 

@@ -3,10 +3,9 @@
 ``F.linear`` on CPU hands float32 weights to MKL's GEMM, which re-packs the weight matrix on every
 call; for the small row counts of step-by-step decoding (one token per sentence or beam) that
 repacking costs as much as the multiplication. oneDNN can pack a weight once into its blocked
-layout (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile``'s CPU freezing uses)
-and multiply with it many times (``torch.ops.mkldnn._linear_pointwise``): at the translation
-benchmark's sizes a decoding step's linears run 1.2-1.7x faster. The arithmetic stays float32
-(different summation order: differences of float32 rounding, ~1e-6 relative).
+layout and multiply with it many times (private torch ops, reached through
+``modules.private_api``: ``onednn_reorder_linear_weight``, ``onednn_linear_pointwise``). The
+arithmetic stays float32 (a different summation order: float32 rounding differences only).
 
 Used only inside ``with packed_linears():`` (the decoding functions open it), without autograd, for
 float32 CPU weights, in float32 or under bfloat16 autocast (the weight packed in bfloat16 once
@@ -14,9 +13,10 @@ instead of cast on every call), and only where the ops run in that dtype: each d
 with a real trial call of every form used (each activation, with and without bias) against
 ``F.linear`` (oneDNN's bfloat16 packing needs AVX512-BF16/AVX-NE-CONVERT, an AVX2 CPU refuses it).
 An op that is missing, refuses the trial, disagrees with ``F.linear`` or fails later turns packing
-off for that dtype (with one warning when it fails mid-run); everything else is ``F.linear``. Packed weights are keyed by the weight's address,
-shape, strides and dtype and checked against its version counter, so a weight changed in place is
-packed again; they live as long as the context, or as long as its ``owner``.
+off for that dtype (with one warning when it fails mid-run); everything else is ``F.linear``. Packed
+weights are keyed by the weight's address, shape, strides and dtype and checked against its version
+counter (``private_api.tensor_version``), so a weight changed in place is packed again; they live as
+long as the context, or as long as its ``owner``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import private_api
+
 _local = threading.local()  # per thread: .active, one dict of packed weights per open context
 _by_owner: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> its packed weights
 _lock = threading.Lock()
-_OPS = torch.ops.mkldnn  # the private oneDNN ops used below (tests replace it to take them away)
 _available: dict[torch.dtype, bool] = {}  # per dtype: whether the ops run and agree with F.linear
 
 
@@ -54,16 +55,18 @@ def _trial(dtype: torch.dtype) -> bool:
     try:  # (autocast off: under it F.linear would answer in bfloat16)
         if not torch.backends.mkldnn.is_available():
             return False
+        with torch.inference_mode(False):  # (inference tensors have no version counter)
+            private_api.tensor_version(torch.zeros(1))  # packing is safe only where in-place changes show
         with torch.autocast("cpu", enabled=False):
-            packed = _OPS._reorder_linear_weight(w)
+            packed = private_api.onednn_reorder_linear_weight(w)
             for activation, bias in ((None, b), ("relu", None), ("gelu", b), ("silu", b)):
                 attr, algorithm = _ONEDNN_ATTR.get(activation, ("none", ""))
-                y = _OPS._linear_pointwise(x, packed, bias, attr, [], algorithm)
+                y = private_api.onednn_linear_pointwise(x, packed, bias, attr, algorithm)
                 want = F.linear(x, w, bias)
                 want = want if activation is None else _ACTIVATIONS[activation](want)
                 if y.dtype != dtype or not torch.allclose(y.float(), want.float(), rtol=tol, atol=tol):
                     return False
-    except (AttributeError, RuntimeError, TypeError):  # ops missing, refusing this CPU, another signature
+    except (AttributeError, RuntimeError, TypeError):  # missing, refusing this CPU, another signature
         return False
     return True
 
@@ -132,16 +135,15 @@ def _packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: s
     cache = _contexts()[-1]
     key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), dtype)
     entry = cache.get(key)
-    if entry is None or entry[0] != weight._version:
-        # the entry holds the weight's base tensor: its memory cannot be freed and reused by another
-        # weight with the same address and shape while the packed copy is kept
-        base = weight if weight._base is None else weight._base
-        entry = cache[key] = (weight._version, base, _OPS._reorder_linear_weight(weight.to(dtype).contiguous()))
-    packed = entry[2]
+    version = private_api.tensor_version(weight)
+    if entry is None or entry[0] != version:
+        # the entry holds a tensor sharing the weight's memory: that memory cannot be freed and reused
+        # by another weight with the same address and shape while the packed copy is kept
+        packed = private_api.onednn_reorder_linear_weight(weight.to(dtype).contiguous())
+        entry = cache[key] = (version, weight.detach(), packed)
     attr, algorithm = _ONEDNN_ATTR.get(activation, ("none", ""))
-    return _OPS._linear_pointwise(
-        x.to(dtype).contiguous(), packed, None if bias is None else bias.to(dtype), attr, [], algorithm,
-    )
+    bias = None if bias is None else bias.to(dtype)
+    return private_api.onednn_linear_pointwise(x.to(dtype).contiguous(), entry[2], bias, attr, algorithm)
 
 
 def _packed_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
+from . import private_api
 from .dropout import Dropout, dropout
 from .packed import linear
 
@@ -122,12 +123,10 @@ def sdpa_memory_efficient(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     """Whether SDPA would run a fused kernel here (flash / memory-efficient / cuDNN: memory linear in
     the sequence lengths) rather than its math fallback, which materialises the ``[B, H, T, S]``
     scores (on CPU: with dropout; on CUDA: shapes or dtypes no fused kernel takes). Asked of torch's
-    own dispatcher for this device, dtype, mask and dropout."""
-    try:
-        choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal and attn_mask is None)
-    except (AttributeError, RuntimeError):  # no such query in this torch: assume the math fallback
-        return False
-    return choice not in (SDPBackend.MATH.value, SDPBackend.ERROR.value)
+    own dispatcher for this device, dtype, mask and dropout (``private_api.sdpa_backend_choice``);
+    when torch cannot say, False: the caller then takes the chunked path, linear in memory anyway."""
+    choice = private_api.sdpa_backend_choice(q, k, v, attn_mask, dropout_p, is_causal and attn_mask is None)
+    return choice is not None and choice not in (SDPBackend.MATH.value, SDPBackend.ERROR.value)
 
 
 def attention_path(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
@@ -247,7 +246,7 @@ class MultiheadAttention(nn.Module):
         cache, where a step's few queries per (row, head) make SDPA's fused CPU kernel pay its
         per-head overhead for little work, and the matmuls read the cache's contiguous keys/values as
         they are), on CPU for reduced precision, where SDPA's bf16 kernels (forward + backward) run
-        3-8x slower (benchmarks/README.md), and for attention dropout, which sends SDPA to its math
+        slower than the two matmuls (measured in docs/results.md), and for attention dropout, which sends SDPA to its math
         path with a bernoulli_ mask (modules/dropout.py). It holds ``[B, H, T, S]`` scores, so beyond
         ``ATTENTION_SCORE_BUDGET`` bytes SDPA runs where its kernel is memory-efficient, else the
         explicit computation in blocks (:func:`attention_path`): memory linear in T and S."""

@@ -130,10 +130,18 @@ class BaseTask(L.LightningModule):
         predicts with the training run's scales, max size and tokenizer."""
         self.data_config, self.preprocessing = config, preprocessing
 
+    @property
+    def attached_trainer(self) -> L.Trainer | None:
+        """The trainer running this task, or None outside one (Lightning's ``trainer`` raises then)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # plain values only: checkpoints must load with torch.load(weights_only=True)
         wandb_id = next((lg.version for lg in self.loggers if isinstance(lg, WandbLogger)), None)
-        trainer = self._trainer
+        trainer = self.attached_trainer
         metrics = {k: float(v) for k, v in (trainer.callback_metrics.items() if trainer is not None else ())
                    if isinstance(v, float | int) or (torch.is_tensor(v) and v.numel() == 1)}
         checkpoint[CHECKPOINT_KEY] = {"task": self.task_name, "wandb_run_id": wandb_id, "data": self.data_config,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+
+from modules import private_api
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,18 +38,25 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     epoch whose monitored metric did not improve leaves ``last.ckpt`` one or more epochs behind (and
     ``ckpt_path=last`` would silently repeat them). Here ``last.ckpt`` is refreshed at the end of every
     epoch (validation end, or training-epoch end when that is where checkpoints are saved).
+
+    The refresh calls Lightning's private last-checkpoint writer (``modules.private_api``): where this
+    Lightning lacks it, ``setup`` (before the first step) stops with a one-line ``PrivateAPIError``.
     """
 
-    def _refresh_last(self, trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.save_last:
+            private_api.check_last_checkpoint_writer(self)
+
+    def _refresh_last(self, trainer, train_epoch_end: bool) -> None:
+        """Write ``last.ckpt`` at the hook where this callback saves (training-epoch or validation end)."""
+        if self.save_last and private_api.saves_on_train_epoch_end(self, trainer) == train_epoch_end:
+            private_api.save_last_checkpoint(self, trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
+        self._refresh_last(trainer, train_epoch_end=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
+        self._refresh_last(trainer, train_epoch_end=False)

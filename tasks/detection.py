@@ -154,7 +154,7 @@ class DetectionTask(BaseTask):
         """The pycocotools ``COCO`` of a split's annotations held by the data module (crowd regions and
         areas included; a multitask run's detection data module), or None (the metric then scores the
         batches' boxes)."""
-        dm = getattr(self._trainer, "datamodule", None)
+        dm = getattr(self.attached_trainer, "datamodule", None)
         dm = getattr(dm, "datamodules", {}).get(self.task_name, dm)
         return getattr(getattr(dm, f"{split}_dataset", None), "coco", None)
 

@@ -26,16 +26,16 @@ class WandbLogger(LightningWandbLogger):
         # ``id`` named here: the run plumbing passes a resumed run's id only to loggers that declare it
         super().__init__(*args, id=id, **kwargs)
         self.log_checkpoints = log_checkpoints
-        self._checkpoint_callback: Any = None
+        self._fit_checkpoints: Any = None  # the ModelCheckpoint that saved last (not Lightning's attribute)
         self._logged: set[tuple[str, float]] = set()
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         super().after_save_checkpoint(checkpoint_callback)
-        self._checkpoint_callback = checkpoint_callback
+        self._fit_checkpoints = checkpoint_callback
 
     def finalize(self, status: str) -> None:
-        if status == "success" and self.log_checkpoints and self._checkpoint_callback is not None:
-            self.log_checkpoint_artifacts(self._checkpoint_callback)
+        if status == "success" and self.log_checkpoints and self._fit_checkpoints is not None:
+            self.log_checkpoint_artifacts(self._fit_checkpoints)
         super().finalize(status)
 
     def log_checkpoint_artifacts(self, checkpoint_callback: Any) -> list[str]:

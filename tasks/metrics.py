@@ -11,7 +11,6 @@ own path, which already handles uneven ranks.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -19,46 +18,46 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-
-def _uneven_list_states(metric: Metric) -> list[str]:
-    return [name for name, fx in metric._reductions.items() if fx is None and isinstance(metric._defaults[name], list)]
+from modules import private_api
 
 
-def make_uneven_safe(metric: Metric) -> Metric:
-    """Patch ``metric`` (in place) so its list states sync across ranks whatever their lengths."""
-    names = _uneven_list_states(metric)
-    if not names or getattr(metric, "_mtdetr_uneven_safe", False):
+def _gather_lists(metric: Metric, names: list[str], group: Any) -> None:
+    """Replace each list state ``names`` of ``metric`` by the concatenation of every rank's list (rank
+    order), with one ``all_gather_object`` per state: any lengths."""
+    world = dist.get_world_size(group)
+    for name in names:
+        local = [t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in getattr(metric, name)]
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local, group=group)
+        setattr(metric, name, [t.to(metric.device) if isinstance(t, torch.Tensor) else t for part in gathered for t in part])
+
+
+def make_uneven_safe(metric: Metric, *, required: bool = True) -> Metric:
+    """Patch ``metric`` (in place) so its list states sync across ranks whatever their lengths.
+
+    It uses torchmetrics' private sync hooks (``modules.private_api``); where they are missing a
+    one-line ``PrivateAPIError``, or with ``required=False`` (one process: no sync needed) the metric
+    unchanged."""
+    if getattr(metric, "_mtdetr_uneven_safe", False):
         return metric
-    original = metric._sync_dist
-
-    def _sync_dist(self: Metric, dist_sync_fn: Any = None, process_group: Any = None) -> None:
-        group = process_group or self.process_group
-        world = dist.get_world_size(group)
-        for name in names:
-            local = [t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in getattr(self, name)]
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, local, group=group)
-            merged = [t.to(self.device) if isinstance(t, torch.Tensor) else t for part in gathered for t in part]
-            setattr(self, name, merged)
-        reductions = self._reductions
-        self._reductions = {k: v for k, v in reductions.items() if k not in names}
-        try:
-            original(dist_sync_fn=dist_sync_fn, process_group=process_group)
-        finally:
-            self._reductions = reductions
-
-    metric._sync_dist = types.MethodType(_sync_dist, metric)
-    metric._mtdetr_uneven_safe = True
+    try:
+        names = private_api.metric_list_states(metric)
+        if names:
+            private_api.override_list_sync(metric, names, _gather_lists)
+            metric._mtdetr_uneven_safe = True
+    except private_api.PrivateAPIError:
+        if required:
+            raise
     return metric
 
 
 def make_module_metrics_uneven_safe(module: torch.nn.Module) -> int:
-    """``make_uneven_safe`` on every torchmetrics ``Metric`` inside ``module``; returns how many changed."""
+    """``make_uneven_safe`` on every torchmetrics ``Metric`` inside ``module`` (called at setup under DDP:
+    a missing private hook is a one-line error there); returns how many changed."""
     count = 0
     for sub in module.modules():
-        if isinstance(sub, Metric) and _uneven_list_states(sub) and not getattr(sub, "_mtdetr_uneven_safe", False):
-            make_uneven_safe(sub)
-            count += 1
+        if isinstance(sub, Metric) and not getattr(sub, "_mtdetr_uneven_safe", False):
+            count += getattr(make_uneven_safe(sub), "_mtdetr_uneven_safe", False)
     return count
 
 
@@ -82,7 +81,7 @@ class CocoDetectionMetric(Metric):
         self.add_state("detections", default=[], dist_reduce_fx=None)  # float64 [n, 7]: id, cat, xyxy, score
         self.add_state("truths", default=[], dist_reduce_fx=None)  # float64 [m, 6]: id, cat, xyxy
         self.ground_truth = None
-        make_uneven_safe(self)
+        make_uneven_safe(self, required=False)  # under DDP RunGuard.setup requires it
 
     def update(self, images: Tensor, detections: list[dict[str, Tensor]], truths: list[dict[str, Tensor]]) -> None:
         """``images`` ``[B, 3]`` (image id, height, width); per image ``detections`` ``boxes [n, 4]`` xyxy

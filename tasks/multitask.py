@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
+from modules import private_api
 from modules.multitask import TaskTransformer
 from modules.transformer import Seq2SeqTransformer
 
@@ -145,13 +146,7 @@ class MultiTask(BaseTask):
         before the strategy wraps the model."""
         strategy = self.trainer.strategy
         if isinstance(strategy, DDPStrategy):
-            kwargs = getattr(strategy, "_ddp_kwargs", None)  # Lightning's DistributedDataParallel kwargs
-            if kwargs is None:
-                raise RuntimeError(
-                    "task=multitask under DDP needs find_unused_parameters=True, and this Lightning version "
-                    "hides DDPStrategy's kwargs: set trainer.strategy to DDPStrategy(find_unused_parameters=true)"
-                )
-            kwargs["find_unused_parameters"] = True
+            private_api.ddp_kwargs(strategy)["find_unused_parameters"] = True  # one-line error if missing
 
     # steps ----------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[str, dict], batch_idx: int) -> Tensor:

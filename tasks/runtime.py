@@ -13,6 +13,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from modules import private_api
+
 from .base import CHECKPOINT_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,20 +271,22 @@ def wandb_summary(loggers: list) -> str | None:
         if isinstance(logger, WandbLogger):
             run = logger.experiment
             run_dir = str(Path(run.dir).parent)
-            if getattr(run.settings, "_offline", False) or getattr(run.settings, "mode", "") == "offline":
+            if getattr(run.settings, "mode", "") in ("offline", "dryrun"):
                 return f"W&B run {run.id} saved offline in {run_dir}\n  upload it with: wandb sync {run_dir}"
             return f"W&B run {run.id}: {run.url}"
     return None
 
 
 def close_loggers(loggers: list, status: str = "success") -> None:
-    """Finalize every logger; a W&B run is finished so the next run in this process starts fresh."""
+    """Finalize every logger; a W&B run is finished so the next run in this process starts fresh (only
+    the run the logger started: asking ``WandbLogger.experiment`` would start one)."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
         logger.finalize(status)
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+        run = private_api.wandb_logger_run(logger) if isinstance(logger, WandbLogger) else None
+        if run is not None:
+            run.finish()
 
 
 def mirror_lightning_logs() -> None:

@@ -563,7 +563,7 @@ def test_decoding_without_the_private_ops_gives_the_same_tokens(broken, precisio
     """Each oneDNN op taken away (missing, or raising as on a CPU without the instructions, in the
     availability trial or only later, mid-decoding): greedy and beam decoding fall back to F.linear
     and give the tokens that F.linear decoding gives, in float32 and under bfloat16 autocast."""
-    from modules import packed
+    from modules import packed, private_api
     from tests.modules.test_packed import FakeOps
 
     model = tiny_model(vocab=40)
@@ -580,7 +580,7 @@ def test_decoding_without_the_private_ops_gives_the_same_tokens(broken, precisio
     kind, part = broken.split("_", 1)
     op = {"reorder": "_reorder_linear_weight", "linear": "_linear_pointwise", "mid_run": "_linear_pointwise"}[part]
     fake = FakeOps(missing=op) if kind == "missing" else FakeOps(failing=op, fail_after=10 if part == "mid_run" else 0)
-    monkeypatch.setattr(packed, "_OPS", fake)
+    monkeypatch.setattr(private_api, "ONEDNN_OPS", fake)
     monkeypatch.setattr(packed, "_available", {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import packed
+from modules import packed, private_api
 from modules.packed import linear, packed_linears
 
 
@@ -55,7 +55,7 @@ def fresh(monkeypatch):
     def use(ops=None):
         monkeypatch.setattr(packed, "_available", {})
         if ops is not None:
-            monkeypatch.setattr(packed, "_OPS", ops)
+            monkeypatch.setattr(private_api, "ONEDNN_OPS", ops)
         return ops
 
     return use
