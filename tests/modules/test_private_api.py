@@ -85,7 +85,7 @@ def test_sdpa_choice_missing_or_raising_means_the_chunked_path(monkeypatch):
 def test_attention_without_the_sdpa_choice_gives_the_same_output(monkeypatch):
     """A layer whose scores exceed the budget, torch's choice missing: blocks, same output to 1e-5 (fp32)."""
     torch.manual_seed(0)
-    attn = tr.MultiheadAttention(32, 4).eval()
+    attn = tr.MultiheadAttention(d_model=32, nhead=4).eval()
     x = torch.randn(2, 29, 32)
     with torch.no_grad():
         want = attn(x, x, x, is_causal=True)
