@@ -105,6 +105,19 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
 def check_coco_dict(data: Any, path: Path) -> dict[str, Any]:
     """Validate a parsed COCO detection dict (from a file, or built in memory from another format);
     ``path`` names its source in the messages. Returns it with ``annotations`` defaulting to []."""
+    _check_sections(data, path)
+    category_ids = _check_categories(data["categories"], path)
+    image_ids = _check_images(data["images"], path)
+    _check_annotations(data["annotations"], path, image_ids, category_ids)
+    return data
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _check_sections(data: Any, path: Path) -> None:
+    """A JSON object with lists ``images`` and ``categories``; ``annotations`` (a list) defaults to []."""
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level must be a JSON object with 'images' and 'categories'.")
     for key in ("images", "categories"):
@@ -114,8 +127,11 @@ def check_coco_dict(data: Any, path: Path) -> dict[str, Any]:
     if not isinstance(data["annotations"], list):
         raise DataError(f"{path}: 'annotations' must be a list.")
 
+
+def _check_categories(categories: list[Any], path: Path) -> set[int]:
+    """Every category has an integer ``id`` (unique) and a string ``name``; at least one. Returns the ids."""
     category_ids: set[int] = set()
-    for i, cat in enumerate(data["categories"]):
+    for i, cat in enumerate(categories):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise DataError(
                 f"{path}: categories[{i}] needs an integer 'id' and a string 'name', got {cat!r}."
@@ -125,35 +141,47 @@ def check_coco_dict(data: Any, path: Path) -> dict[str, Any]:
         category_ids.add(cat["id"])
     if not category_ids:
         raise DataError(f"{path}: 'categories' is empty; list the classes (id, name).")
+    return category_ids
 
+
+def _check_images(images: list[Any], path: Path) -> set[int]:
+    """Every image entry passes ``_check_image`` and has a unique id. Returns the ids."""
     image_ids: set[int] = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict):
-            raise DataError(f"{path}: images[{i}] must be an object, got {img!r}.")
-        if not _is_int(img.get("id")):
-            raise DataError(f"{path}: images[{i}] needs an integer 'id', got {img.get('id')!r}.")
-        for key in ("width", "height"):
-            v = img.get(key)
-            if not (
-                isinstance(v, int | float) and not isinstance(v, bool) and v > 0 and float(v).is_integer()
-            ):
-                raise DataError(
-                    f"{path}: images[{i}] (id {img['id']}) needs a positive integer '{key}', got {v!r}."
-                )
-        file_name = img.get("file_name")
-        if not isinstance(file_name, str):
-            raise DataError(f"{path}: images[{i}] (id {img['id']}) needs a string 'file_name'.")
-        if _unsafe_file_name(file_name):
-            raise DataError(
-                f"{path}: images[{i}] (id {img['id']}) file_name {file_name!r} escapes the images folder "
-                "(absolute path or '..'). Use a path relative to the images folder."
-            )
+    for i, img in enumerate(images):
+        _check_image(img, f"{path}: images[{i}]")
         if img["id"] in image_ids:
             raise DataError(f"{path}: image id {img['id']} appears twice in 'images'.")
         image_ids.add(img["id"])
+    return image_ids
 
-    annotation_ids: set[int] = set()
-    for i, ann in enumerate(data["annotations"]):
+
+def _check_image(img: Any, where: str) -> None:
+    """An integer ``id``, positive integer ``width`` / ``height`` and a relative string ``file_name``."""
+    if not isinstance(img, dict):
+        raise DataError(f"{where} must be an object, got {img!r}.")
+    if not _is_int(img.get("id")):
+        raise DataError(f"{where} needs an integer 'id', got {img.get('id')!r}.")
+    where = f"{where} (id {img['id']})"
+    for key in ("width", "height"):
+        v = img.get(key)
+        if not (_is_number(v) and v > 0 and float(v).is_integer()):
+            raise DataError(f"{where} needs a positive integer '{key}', got {v!r}.")
+    file_name = img.get("file_name")
+    if not isinstance(file_name, str):
+        raise DataError(f"{where} needs a string 'file_name'.")
+    if _unsafe_file_name(file_name):
+        raise DataError(
+            f"{where} file_name {file_name!r} escapes the images folder "
+            "(absolute path or '..'). Use a path relative to the images folder."
+        )
+
+
+def _check_annotations(
+    annotations: list[Any], path: Path, image_ids: set[int], category_ids: set[int]
+) -> None:
+    """Every annotation is an object with a unique id (when it has one) and passes ``_check_annotation``."""
+    annotation_ids: set[Any] = set()
+    for i, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             raise DataError(f"{path}: annotations[{i}] must be an object, got {ann!r}.")
         where = f"{path}: annotations[{i}] (id {ann.get('id')!r})"
@@ -161,21 +189,23 @@ def check_coco_dict(data: Any, path: Path) -> dict[str, Any]:
             if ann["id"] in annotation_ids:
                 raise DataError(f"{where}: annotation id {ann['id']!r} appears twice in 'annotations'.")
             annotation_ids.add(ann["id"])
-        if ann.get("image_id") not in image_ids:
-            raise DataError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in 'images'.")
-        if ann.get("category_id") not in category_ids:
-            raise DataError(
-                f"{where} has category_id {ann.get('category_id')!r}, which is not in 'categories'."
-            )
-        bbox = ann.get("bbox")
-        if (
-            not isinstance(bbox, list)
-            or len(bbox) != 4
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
-            or not all(math.isfinite(v) for v in bbox)
-        ):
-            raise DataError(f"{where} needs 'bbox' = [x, y, w, h] of 4 finite numbers, got {bbox!r}.")
-    return data
+        _check_annotation(ann, where, image_ids, category_ids)
+
+
+def _check_annotation(ann: dict[str, Any], where: str, image_ids: set[int], category_ids: set[int]) -> None:
+    """Known ``image_id`` and ``category_id``; ``bbox`` = [x, y, w, h] of 4 finite numbers."""
+    if ann.get("image_id") not in image_ids:
+        raise DataError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in 'images'.")
+    if ann.get("category_id") not in category_ids:
+        raise DataError(f"{where} has category_id {ann.get('category_id')!r}, which is not in 'categories'.")
+    bbox = ann.get("bbox")
+    if (
+        not isinstance(bbox, list)
+        or len(bbox) != 4
+        or not all(_is_number(v) for v in bbox)
+        or not all(math.isfinite(v) for v in bbox)
+    ):
+        raise DataError(f"{where} needs 'bbox' = [x, y, w, h] of 4 finite numbers, got {bbox!r}.")
 
 
 def coco_from_dict(data: dict[str, Any]) -> COCO:
@@ -318,37 +348,49 @@ def load_rgb_image(path: str | Path, expected_size: tuple[int, int] | None = Non
     stored pixels do, the annotations were made on the un-rotated pixels, so orientation is not
     applied (with a warning); if neither matches, ``DataError``.
     """
+    with _decode_image(path) as raw:
+        oriented = raw
+        if raw.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            oriented = ImageOps.exif_transpose(raw)
+        if expected_size is not None and oriented.size != tuple(expected_size):
+            oriented = _pixels_matching_json(raw, oriented, tuple(expected_size), path)
+        rgb = to_rgb(oriented)
+        return rgb.copy() if rgb is raw else rgb  # detach from the closed file object
+
+
+def _decode_image(path: str | Path) -> Image.Image:
+    """The fully decoded image file; ``DataError`` for a corrupt or truncated one."""
     raw = None
     try:
         raw = Image.open(path)
         raw.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # corrupt or truncated file
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         if raw is not None:
             raw.close()
         raise DataError(
             f"{path}: cannot decode the image ({type(e).__name__}: {e}); the file is corrupt or truncated. "
             "Replace it or remove its entry from the JSON."
         ) from e
-    with raw:
-        oriented = raw
-        if raw.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            oriented = ImageOps.exif_transpose(raw)
-        if expected_size is not None and oriented.size != tuple(expected_size):
-            if raw.size == tuple(expected_size):
-                warnings.warn(
-                    f"{path}: the JSON's width/height match the stored pixels, not the EXIF-oriented "
-                    "image; EXIF orientation is ignored so the boxes stay aligned.",
-                    stacklevel=2,
-                )
-                oriented = raw
-            else:
-                raise DataError(
-                    f"{path}: image is {oriented.size[0]}x{oriented.size[1]} (w x h) but its JSON entry "
-                    f"says {expected_size[0]}x{expected_size[1]}; the boxes would be misplaced. Fix the "
-                    "JSON's width/height or use the original image file."
-                )
-        rgb = to_rgb(oriented)
-        return rgb.copy() if rgb is raw else rgb  # detach from the closed file object
+    return raw
+
+
+def _pixels_matching_json(
+    raw: Image.Image, oriented: Image.Image, expected_size: tuple[int, int], path: str | Path
+) -> Image.Image:
+    """The stored pixels when they (not the EXIF-oriented image) have the JSON's size, with a warning;
+    ``DataError`` when neither does (the boxes would be misplaced)."""
+    if raw.size != expected_size:
+        raise DataError(
+            f"{path}: image is {oriented.size[0]}x{oriented.size[1]} (w x h) but its JSON entry "
+            f"says {expected_size[0]}x{expected_size[1]}; the boxes would be misplaced. Fix the "
+            "JSON's width/height or use the original image file."
+        )
+    warnings.warn(
+        f"{path}: the JSON's width/height match the stored pixels, not the EXIF-oriented "
+        "image; EXIF orientation is ignored so the boxes stay aligned.",
+        stacklevel=3,
+    )
+    return raw
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,12 +480,20 @@ class CocoDetectionDataset(CocoDetection):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
         image = tv_tensors.Image(v2.functional.pil_to_tensor(self._load_image(image_id)))
+        target = self._transformable_target(image_id, canvas=(image.shape[-2], image.shape[-1]))
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        image = image.as_subclass(Tensor)
+        if not image.is_floating_point():
+            image = image.float().div_(255.0)
+        return image, self._contract_target(target, image_id, size=image.shape[-2:])
+
+    def _transformable_target(self, image_id: int, canvas: tuple[int, int]) -> dict[str, Any]:
+        """The image's non-crowd boxes as ``BoundingBoxes`` (XYXY, absolute) that transforms v2 move."""
         anns = self._load_target(image_id)
-        canvas = (image.shape[-2], image.shape[-1])
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        target: dict[str, Any] = {
+        return {
             "boxes": tv_tensors.BoundingBoxes(
                 box_convert(xywh, "xywh", "xyxy"),
                 format=tv_tensors.BoundingBoxFormat.XYXY,
@@ -452,15 +502,14 @@ class CocoDetectionDataset(CocoDetection):
             "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
             "image_id": int(image_id),
         }
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        image = image.as_subclass(Tensor)
-        if not image.is_floating_point():
-            image = image.float().div_(255.0)
-        h, w = image.shape[-2:]
+
+    def _contract_target(self, target: dict[str, Any], image_id: int, size: torch.Size) -> dict[str, Any]:
+        """The transformed target in the batch contract: boxes cxcywh normalised to ``size`` = (h, w)."""
+        info = self.coco.imgs[image_id]
+        h, w = size
         boxes = box_convert(target["boxes"].as_subclass(Tensor).float(), "xyxy", "cxcywh")
         boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
-        return image, {
+        return {
             "labels": target["labels"].to(torch.int64),
             "boxes": boxes.reshape(-1, 4),
             "image_id": int(image_id),

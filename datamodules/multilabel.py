@@ -71,29 +71,29 @@ def load_label_mapping(path: Path, class_names: Sequence[str]) -> list[Entry]:
     if not isinstance(mapping, dict):
         raise DataError(f"{path}: must be a JSON object {{file_name: [class names]}}, got {type(mapping).__name__}.")
     index = {name: i for i, name in enumerate(class_names)}
-    entries: list[Entry] = []
-    for file_name in sorted(mapping):
-        names = mapping[file_name]
-        if _unsafe_file_name(file_name):
+    return [(file_name, None, _label_indices(mapping[file_name], index, path, file_name)) for file_name in sorted(mapping)]
+
+
+def _label_indices(names: Any, index: dict[str, int], path: Path, file_name: str) -> list[int]:
+    """The sorted labels of one image's class ``names``; ``DataError`` for an unsafe ``file_name``, a
+    value that is not a list of strings, or an unknown name (with the closest known ones)."""
+    if _unsafe_file_name(file_name):
+        raise DataError(
+            f"{path}: file name {file_name!r} escapes the images folder (absolute path or '..'). "
+            "Use a path relative to the images folder."
+        )
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: {file_name!r} must map to a list of class names, got {names!r}.")
+    for name in names:
+        if name not in index:
+            close = difflib.get_close_matches(name, list(index), n=3)
+            hint = f" Did you mean {close}?" if close else ""
             raise DataError(
-                f"{path}: file name {file_name!r} escapes the images folder (absolute path or '..'). "
-                "Use a path relative to the images folder."
+                f"{path}: image {file_name!r} names class {name!r}, which is not a category of the "
+                f"training JSON ({len(index)} classes, e.g. {list(index)[:5]}).{hint} Fix the name or "
+                "add the category to the JSON's 'categories'."
             )
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise DataError(f"{path}: {file_name!r} must map to a list of class names, got {names!r}.")
-        labels = set()
-        for name in names:
-            if name not in index:
-                close = difflib.get_close_matches(name, list(index), n=3)
-                hint = f" Did you mean {close}?" if close else ""
-                raise DataError(
-                    f"{path}: image {file_name!r} names class {name!r}, which is not a category of the "
-                    f"training JSON ({len(index)} classes, e.g. {list(index)[:5]}).{hint} Fix the name or "
-                    "add the category to the JSON's 'categories'."
-                )
-            labels.add(index[name])
-        entries.append((file_name, None, sorted(labels)))
-    return entries
+    return sorted({index[name] for name in names})
 
 
 class ImageOnly:

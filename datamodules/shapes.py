@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,84 +93,100 @@ def _render_image(
     pixels = np.empty((size, size, 3), dtype=np.float32)
     pixels[:] = background
     owner = np.full((size, size), -1, dtype=np.int32)  # index of the shape that owns each pixel
+    kinds = _paint_shapes(rng, pixels, owner, background, num_objects)
+    _add_shading(rng, pixels)
+    image = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return image, _visible_boxes(owner, kinds)
+
+
+def _paint_shapes(
+    rng: np.random.Generator, pixels: np.ndarray, owner: np.ndarray, background: np.ndarray, num_objects: int
+) -> list[int]:
+    """Paint up to ``num_objects`` shapes into ``pixels`` / ``owner`` (in place), each in a colour far
+    from the background and the earlier shapes; return their category ids in painting order."""
     kinds: list[int] = []
     full_areas: list[int] = []
     colours: list[np.ndarray] = []
     for _ in range(num_objects):
-        for attempt in range(_MAX_PLACEMENT_TRIES):
-            shrink = 1.0 - 0.6 * attempt / _MAX_PLACEMENT_TRIES  # smaller shapes fit more easily
-            extent = rng.uniform(*SIZE_RANGE) * size * shrink
-            kind = int(rng.integers(1, 4))
-            x0 = rng.uniform(0, size - extent)
-            y0 = rng.uniform(0, size - extent)
-            mask = _shape_mask(kind, x0, y0, extent, rng.uniform(0, 2 * math.pi), size)
-            area = int(mask.sum())
-            if area == 0:
+        placed = _place_shape(rng, owner, full_areas)
+        if placed is None:
+            continue
+        kind, mask = placed
+        colour = _colour_far_from(rng, [background, *colours], [120.0] + [60.0] * len(colours))
+        pixels[mask] = colour
+        owner[mask] = len(kinds)
+        kinds.append(kind)
+        full_areas.append(int(mask.sum()))
+        colours.append(colour)
+    return kinds
+
+
+def _place_shape(
+    rng: np.random.Generator, owner: np.ndarray, full_areas: list[int]
+) -> tuple[int, np.ndarray] | None:
+    """(category id, mask) of a random shape that leaves every earlier shape (``full_areas`` pixels
+    each) at least ``MIN_VISIBLE`` visible; None after ``_MAX_PLACEMENT_TRIES`` failed tries."""
+    size = owner.shape[0]
+    for attempt in range(_MAX_PLACEMENT_TRIES):
+        shrink = 1.0 - 0.6 * attempt / _MAX_PLACEMENT_TRIES  # smaller shapes fit more easily
+        extent = rng.uniform(*SIZE_RANGE) * size * shrink
+        kind = int(rng.integers(1, 4))
+        x0 = rng.uniform(0, size - extent)
+        y0 = rng.uniform(0, size - extent)
+        mask = _shape_mask(kind, x0, y0, extent, rng.uniform(0, 2 * math.pi), size)
+        if not mask.any():
+            continue
+        if full_areas:
+            still_visible = np.bincount(owner[~mask] + 1, minlength=len(full_areas) + 1)[1:]
+            if np.any(still_visible < MIN_VISIBLE * np.asarray(full_areas)):
                 continue
-            if kinds:  # each earlier shape must stay mostly visible
-                still_visible = np.bincount(owner[~mask] + 1, minlength=len(kinds) + 1)[1:]
-                if np.any(still_visible < MIN_VISIBLE * np.asarray(full_areas)):
-                    continue
-            colour = _colour_far_from(rng, [background, *colours], [120.0] + [60.0] * len(colours))
-            pixels[mask] = colour
-            owner[mask] = len(kinds)
-            kinds.append(kind)
-            full_areas.append(area)
-            colours.append(colour)
-            break
-    # Smooth shading rather than per-pixel noise: as much variation, ~4x smaller and faster PNGs.
-    interp = _bilinear_matrix(size, _SHADING_GRID)
+        return kind, mask
+    return None
+
+
+def _add_shading(rng: np.random.Generator, pixels: np.ndarray) -> None:
+    """Add smooth noise to ``pixels`` [size, size, 3] in place (smooth rather than per-pixel: as much
+    variation, and the PNGs stay small and quick to write)."""
+    interp = _bilinear_matrix(pixels.shape[0], _SHADING_GRID)
     grid = rng.normal(0.0, SHADING_STD, size=(_SHADING_GRID, _SHADING_GRID, 3)).astype(np.float32)
     pixels += (interp @ grid.transpose(2, 0, 1) @ interp.T).transpose(1, 2, 0)
-    image = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def _visible_boxes(owner: np.ndarray, kinds: list[int]) -> list[tuple[int, list[float]]]:
+    """[(category_id, [x, y, w, h])] of each shape, tight on the pixels it still owns."""
     objects = []
     for i, kind in enumerate(kinds):
         ys, xs = np.nonzero(owner == i)
         x, y = int(xs.min()), int(ys.min())
         objects.append((kind, [float(x), float(y), float(xs.max() + 1 - x), float(ys.max() + 1 - y)]))
-    return image, objects
+    return objects
 
 
 def _write_split(
     out: Path,
+    *,
     split: str,
     split_index: int,
     num_images: int,
-    first_image_id: int,
-    first_ann_id: int,
+    first_ids: tuple[int, int],
     image_size: int,
     min_objects: int,
     max_objects: int,
     seed: int,
 ) -> dict[str, Any]:
-    images, annotations = [], []
-    ann_id = first_ann_id
+    """Write the split's PNGs to ``out/images``; return its COCO dict. ``first_ids`` = (first image id,
+    first annotation id)."""
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i in range(num_images):
         # One independent stream per image: the output does not depend on generation order.
         rng = np.random.default_rng([seed, split_index, i])
-        wanted = int(rng.integers(min_objects, max_objects + 1))
-        pixels, objects = _render_image(rng, image_size, wanted)
-        if len(objects) < min_objects:
-            raise ValueError(
-                f"could only place {len(objects)} of {wanted} shapes in a {image_size}px image; "
-                "lower max_objects/min_objects or raise image_size"
-            )
-        image_id = first_image_id + i
+        pixels, objects = _render_checked_image(rng, image_size, min_objects, max_objects)
+        image_id = first_ids[0] + i
         file_name = f"{split}_{i:06d}.png"
         Image.fromarray(pixels, mode="RGB").save(out / "images" / file_name, compress_level=1)
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
-        for category_id, bbox in objects:
-            annotations.append(
-                {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
-                    "iscrowd": 0,
-                }
-            )
-            ann_id += 1
+        annotations += _annotations(objects, image_id, first_ann_id=first_ids[1] + len(annotations))
     return {
         "info": {
             "description": f"synthetic shapes ({split}), mtdetr generator v{GENERATOR_VERSION}",
@@ -181,6 +197,36 @@ def _write_split(
         "annotations": annotations,
         "categories": SHAPES_CATEGORIES,
     }
+
+
+def _render_checked_image(
+    rng: np.random.Generator, image_size: int, min_objects: int, max_objects: int
+) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
+    """``_render_image`` with a random number of shapes in [min_objects, max_objects]; ``ValueError``
+    when fewer than ``min_objects`` fit."""
+    wanted = int(rng.integers(min_objects, max_objects + 1))
+    pixels, objects = _render_image(rng, image_size, wanted)
+    if len(objects) < min_objects:
+        raise ValueError(
+            f"could only place {len(objects)} of {wanted} shapes in a {image_size}px image; "
+            "lower max_objects/min_objects or raise image_size"
+        )
+    return pixels, objects
+
+
+def _annotations(objects: list[tuple[int, list[float]]], image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
+    """COCO annotations of one image's objects, ids from ``first_ann_id``."""
+    return [
+        {
+            "id": first_ann_id + k,
+            "image_id": image_id,
+            "category_id": category_id,
+            "bbox": bbox,
+            "area": bbox[2] * bbox[3],
+            "iscrowd": 0,
+        }
+        for k, (category_id, bbox) in enumerate(objects)
+    ]
 
 
 def shapes_params(
@@ -238,24 +284,32 @@ def generate_shapes_dataset(
             f"{out} exists but lacks the '{COMPLETE_MARKER}' marker of a finished shapes dataset; "
             "delete that folder (or choose another cache_dir) and run again."
         )
+    params = shapes_params(num_train, num_val, image_size, min_objects, max_objects, seed, num_test)
+    _write_atomically(out, lambda folder: _write_dataset(folder, params))
+    return out
+
+
+def _write_dataset(folder: Path, params: dict[str, int]) -> None:
+    """The images, one JSON per split (image and annotation ids continue across splits) and, last,
+    the completion marker holding ``params``."""
+    (folder / "images").mkdir()
+    drawing = {key: params[key] for key in ("image_size", "min_objects", "max_objects", "seed")}
+    first_ids = (1, 1)
+    for split_index, split in enumerate(("train", "val", "test")):
+        data = _write_split(folder, split=split, split_index=split_index, num_images=params[f"num_{split}"],
+                            first_ids=first_ids, **drawing)
+        (folder / f"{split}.json").write_text(json.dumps(data) + "\n", encoding="utf-8")
+        first_ids = (first_ids[0] + len(data["images"]), first_ids[1] + len(data["annotations"]))
+    (folder / COMPLETE_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write`` on a temporary sibling folder, then rename it to ``out`` (a concurrent writer that
+    finished first wins; its dataset is the same)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        (tmp / "images").mkdir()
-        common = {
-            "image_size": image_size,
-            "min_objects": min_objects,
-            "max_objects": max_objects,
-            "seed": seed,
-        }
-        train = _write_split(tmp, "train", 0, num_train, 1, 1, **common)
-        val = _write_split(tmp, "val", 1, num_val, num_train + 1, len(train["annotations"]) + 1, **common)
-        test = _write_split(tmp, "test", 2, num_test, num_train + num_val + 1,
-                            len(train["annotations"]) + len(val["annotations"]) + 1, **common)
-        for name, data in (("train.json", train), ("val.json", val), ("test.json", test)):
-            (tmp / name).write_text(json.dumps(data) + "\n", encoding="utf-8")
-        params = shapes_params(num_train, num_val, image_size, min_objects, max_objects, seed, num_test)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n", encoding="utf-8")
+        write(tmp)
         try:
             os.replace(tmp, out)
         except OSError:
@@ -263,7 +317,6 @@ def generate_shapes_dataset(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _default_scales(image_size: int) -> list[int]:

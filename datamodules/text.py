@@ -177,27 +177,37 @@ def read_parallel(
             f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}: line i of one "
             "file must be the translation of line i of the other. Re-align the files."
         )
-    src, tgt, numbers, skipped = [], [], [], []
-    for i, (s_raw, t_raw) in enumerate(zip(src_lines, tgt_lines), start=1):
-        s, t = normalize_text(s_raw), normalize_text(t_raw)
-        if not s or not t:
-            if empty_lines == "error":
-                path = src_path if not s else tgt_path
-                raise DataError(
-                    f"{path}:{i}: line {i} is empty after whitespace normalisation (pair {i} of {src_path} / "
-                    f"{tgt_path}). Fix the line or set empty_lines='skip' to drop such pairs."
-                )
-            skipped.append(i)
-            continue
-        src.append(s)
-        tgt.append(t)
-        numbers.append(i)
+    corpus = ParallelText([], [], [], src_path, tgt_path)
+    skipped = _add_non_empty_pairs(corpus, src_lines, tgt_lines, empty_lines)
     if skipped:
         _info(
             f"{prefix}.{{{src_lang},{tgt_lang}}}: skipped {len(skipped)} of {len(src_lines)} sentence pairs "
             f"with an empty side (lines {_list_lines(skipped)})"
         )
-    return ParallelText(src, tgt, numbers, src_path, tgt_path)
+    return corpus
+
+
+def _add_non_empty_pairs(
+    corpus: ParallelText, src_lines: Sequence[str], tgt_lines: Sequence[str], empty_lines: str
+) -> list[int]:
+    """Append the normalised pairs with two non-empty sides to ``corpus``; return the line numbers of
+    the others (``empty_lines="skip"``) or raise ``DataError`` at the first one (``"error"``)."""
+    skipped = []
+    for i, (s_raw, t_raw) in enumerate(zip(src_lines, tgt_lines), start=1):
+        s, t = normalize_text(s_raw), normalize_text(t_raw)
+        if s and t:
+            corpus.src.append(s)
+            corpus.tgt.append(t)
+            corpus.line_numbers.append(i)
+        elif empty_lines == "skip":
+            skipped.append(i)
+        else:
+            raise DataError(
+                f"{corpus.src_path if not s else corpus.tgt_path}:{i}: line {i} is empty after whitespace "
+                f"normalisation (pair {i} of {corpus.src_path} / {corpus.tgt_path}). Fix the line or set "
+                "empty_lines='skip' to drop such pairs."
+            )
+    return skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,20 +295,37 @@ def train_or_load_tokenizer(
     for f in files:
         data = read_bytes(f)
         contents[hashlib.sha256(data).hexdigest()] = (Path(f), data)
-    key = tokenizer_cache_key(list(contents), vocab_size, min_frequency)
-    path = Path(cache_dir) / f"bpe-{key}.json"
+    path = Path(cache_dir) / f"bpe-{tokenizer_cache_key(list(contents), vocab_size, min_frequency)}.json"
+    tokenizer = _load_cached_tokenizer(path)
+    if tokenizer is None:
+        start = time.perf_counter()
+        tokenizer, num_lines = _train_tokenizer(contents, files, vocab_size, min_frequency)
+        _write_atomic(path, tokenizer.to_str())
+        _info(
+            f"BPE tokenizer: trained vocab {tokenizer.get_vocab_size()} on {num_lines} lines in "
+            f"{time.perf_counter() - start:.1f}s -> {path}"
+        )
+    return tokenizer
 
-    if path.is_file():
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-            check_special_ids(tokenizer, str(path))
-        except Exception as e:  # corrupted or foreign file: retrain and overwrite
-            rank_zero_warn(f"{path}: cached tokenizer unusable ({e}); retraining it.")
-        else:
-            _info(f"BPE tokenizer: loaded {path} (vocab {tokenizer.get_vocab_size()})")
-            return tokenizer
 
-    start = time.perf_counter()
+def _load_cached_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer cached at ``path``; None when there is none or it is unusable (then retrained)."""
+    if not path.is_file():
+        return None
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+        check_special_ids(tokenizer, str(path))
+    except Exception as e:  # corrupted or foreign file: retrain and overwrite
+        rank_zero_warn(f"{path}: cached tokenizer unusable ({e}); retraining it.")
+        return None
+    _info(f"BPE tokenizer: loaded {path} (vocab {tokenizer.get_vocab_size()})")
+    return tokenizer
+
+
+def _train_tokenizer(
+    contents: Mapping[str, tuple[Path, bytes]], files: Sequence[str | Path], vocab_size: int, min_frequency: int
+) -> tuple[Tokenizer, int]:
+    """(a new byte-level BPE trained on the non-empty normalised lines of ``contents``, how many lines)."""
     lines: list[str] = []
     for digest in sorted(contents):  # content order, not argument order: en-de and de-en share a tokenizer
         f, data = contents[digest]
@@ -315,12 +342,7 @@ def train_or_load_tokenizer(
     )
     tokenizer.train_from_iterator(lines, trainer, length=len(lines))
     check_special_ids(tokenizer, "newly trained tokenizer")
-    _write_atomic(path, tokenizer.to_str())
-    _info(
-        f"BPE tokenizer: trained vocab {tokenizer.get_vocab_size()} on {len(lines)} lines in "
-        f"{time.perf_counter() - start:.1f}s -> {path}"
-    )
-    return tokenizer
+    return tokenizer, len(lines)
 
 
 def tokenizer_from_info(data_info: Mapping[str, Any]) -> Tokenizer:
@@ -458,68 +480,88 @@ def encode_parallel(
         raise ValueError(f"long_sentences must be one of {LONG_SENTENCE_POLICIES}, got {long_sentences!r}")
     if max_len < 3:
         raise ValueError(f"max_len must be >= 3 (BOS, one token, EOS), got {max_len}")
-    encode_src, encode_tgt = _sentence_encoders(tokenizer)
     limit = len(corpus) if max_examples is None else min(int(max_examples), len(corpus))
-    src_ids: list[list[int]] = []
-    tgt_ids: list[list[int]] = []
-    keep: list[int] = []
-    too_long: list[int] = []  # corpus positions
-    chunk = max(2 * limit, 1024)
-    pos = examined = 0
-    while pos < len(corpus) and len(keep) < limit:
-        stop = min(pos + chunk, len(corpus))
-        for j, s, t in zip(
-            range(pos, stop),
-            encode_src(corpus.src[pos:stop]),
-            encode_tgt(corpus.tgt[pos:stop]),
-        ):
-            if len(keep) >= limit:
-                break
-            examined = j + 1
-            if len(s) + 1 > max_len or len(t) + 2 > max_len:
-                too_long.append(j)
-                if long_sentences == "error":
-                    line = corpus.line_numbers[j]
-                    path, side, n, extra = (
-                        (corpus.src_path, "source", len(s) + 1, "EOS")
-                        if len(s) + 1 > max_len
-                        else (corpus.tgt_path, "target", len(t) + 2, "BOS+EOS")
-                    )
-                    raise DataError(
-                        f"{path}:{line}: {side} sentence on line {line} has {n} tokens (with {extra}) > "
-                        f"max_len={max_len}. Raise max_len or set long_sentences to 'skip' or 'truncate'."
-                    )
-                if long_sentences == "skip":
-                    continue
-                s, t = s[: max_len - 1], t[: max_len - 2]
-            src_ids.append(s)
-            tgt_ids.append(t)
-            keep.append(j)
-        pos = stop
+    kept, too_long, examined = _apply_length_policy(
+        _encoded_pairs(corpus, tokenizer, chunk=max(2 * limit, 1024)), corpus, max_len, long_sentences, limit
+    )
     if too_long:
-        lines = [corpus.line_numbers[j] for j in too_long]
-        action = "skipped" if long_sentences == "skip" else "truncated"
-        msg = (
-            f"{name} ({corpus.src_path.name}/{corpus.tgt_path.name}): {action} {len(too_long)} of {examined} sentence "
-            f"pairs longer than max_len={max_len} tokens (lines {_list_lines(lines)})"
-        )
-        if long_sentences == "skip":
-            _info(msg)
-        else:
-            rank_zero_warn(msg)
-    if not keep:
+        _report_too_long(corpus, [corpus.line_numbers[j] for j in too_long], examined, name, max_len, long_sentences)
+    if not kept:
         raise DataError(
             f"{corpus.src_path} / {corpus.tgt_path}: no sentence pairs left for {name} after the empty-line "
             f"and long-sentence policies (max_len={max_len})."
         )
     return ParallelTextDataset(
-        src_ids=src_ids,
-        tgt_ids=tgt_ids,
-        src_text=[corpus.src[j] for j in keep],
-        tgt_text=[corpus.tgt[j] for j in keep],
-        line_numbers=[corpus.line_numbers[j] for j in keep],
+        src_ids=[s for _, s, _ in kept],
+        tgt_ids=[t for _, _, t in kept],
+        src_text=[corpus.src[j] for j, _, _ in kept],
+        tgt_text=[corpus.tgt[j] for j, _, _ in kept],
+        line_numbers=[corpus.line_numbers[j] for j, _, _ in kept],
         **_special_ids(tokenizer),
     )
+
+
+EncodedPair = tuple[int, list[int], list[int]]  # corpus position, source ids, target ids (no specials)
+
+
+def _encoded_pairs(corpus: ParallelText, tokenizer: Tokenizer | MarianVocab, chunk: int) -> Iterator[EncodedPair]:
+    """The corpus's pairs tokenised ``chunk`` at a time (in order, lazily: a caller that stops early
+    leaves the rest untokenised)."""
+    encode_src, encode_tgt = _sentence_encoders(tokenizer)
+    for pos in range(0, len(corpus), chunk):
+        stop = min(pos + chunk, len(corpus))
+        yield from zip(range(pos, stop), encode_src(corpus.src[pos:stop]), encode_tgt(corpus.tgt[pos:stop]))
+
+
+def _apply_length_policy(
+    pairs: Iterator[EncodedPair], corpus: ParallelText, max_len: int, long_sentences: str, limit: int
+) -> tuple[list[EncodedPair], list[int], int]:
+    """(the first ``limit`` pairs kept, the positions of the too-long pairs, how many pairs were examined)."""
+    kept: list[EncodedPair] = []
+    too_long: list[int] = []
+    examined = 0
+    for j, s, t in pairs if limit > 0 else ():
+        examined = j + 1
+        if len(s) + 1 > max_len or len(t) + 2 > max_len:
+            too_long.append(j)
+            if long_sentences == "error":
+                raise _too_long_error(corpus, j, s, t, max_len)
+            if long_sentences == "skip":
+                continue
+            s, t = s[: max_len - 1], t[: max_len - 2]
+        kept.append((j, s, t))
+        if len(kept) >= limit:
+            break
+    return kept, too_long, examined
+
+
+def _too_long_error(corpus: ParallelText, j: int, src: list[int], tgt: list[int], max_len: int) -> DataError:
+    """The ``long_sentences="error"`` message for pair ``j``: the file and line of its too-long side."""
+    line = corpus.line_numbers[j]
+    path, side, n, extra = (
+        (corpus.src_path, "source", len(src) + 1, "EOS")
+        if len(src) + 1 > max_len
+        else (corpus.tgt_path, "target", len(tgt) + 2, "BOS+EOS")
+    )
+    return DataError(
+        f"{path}:{line}: {side} sentence on line {line} has {n} tokens (with {extra}) > "
+        f"max_len={max_len}. Raise max_len or set long_sentences to 'skip' or 'truncate'."
+    )
+
+
+def _report_too_long(
+    corpus: ParallelText, lines: list[int], examined: int, name: str, max_len: int, long_sentences: str
+) -> None:
+    """Print how many pairs were skipped (an expected policy), or warn how many were truncated."""
+    action = "skipped" if long_sentences == "skip" else "truncated"
+    message = (
+        f"{name} ({corpus.src_path.name}/{corpus.tgt_path.name}): {action} {len(lines)} of {examined} sentence "
+        f"pairs longer than max_len={max_len} tokens (lines {_list_lines(lines)})"
+    )
+    if long_sentences == "skip":
+        _info(message)
+    else:
+        rank_zero_warn(message)
 
 
 def _special_ids(tokenizer: Tokenizer | MarianVocab) -> dict[str, int]:
@@ -692,6 +734,28 @@ class TokenBucketBatchSampler(BatchSampler):
 # --------------------------------------------------------------------------------------------
 
 
+def _check_text_settings(
+    *, empty_lines: str, long_sentences: str, src_lang: str, tgt_lang: str, vocab_size: int, max_len: int,
+    max_tokens: int, max_examples: dict[str, int | None],
+) -> None:
+    """``ValueError`` naming the first ``ParallelTextDataModule`` setting out of its range."""
+    if empty_lines not in EMPTY_LINE_POLICIES:
+        raise ValueError(f"empty_lines must be one of {EMPTY_LINE_POLICIES}, got {empty_lines!r}")
+    if long_sentences not in LONG_SENTENCE_POLICIES:
+        raise ValueError(f"long_sentences must be one of {LONG_SENTENCE_POLICIES}, got {long_sentences!r}")
+    if src_lang == tgt_lang:
+        raise ValueError(f"src_lang and tgt_lang must differ, both are {src_lang!r}")
+    if int(vocab_size) < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+    if int(max_len) < 3:
+        raise ValueError(f"max_len must be >= 3 (BOS, one token, EOS), got {max_len}")
+    if int(max_tokens) < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    for name, value in max_examples.items():
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be None or >= 1, got {value}")
+
+
 class ParallelTextDataModule(SplitDataModule):
     """Translation DataModule over ``PREFIX.{src_lang,tgt_lang}`` files (optionally ``.gz``) per split.
 
@@ -730,26 +794,11 @@ class ParallelTextDataModule(SplitDataModule):
         tokenizer: str | None = None,
     ) -> None:
         super().__init__()
-        if empty_lines not in EMPTY_LINE_POLICIES:
-            raise ValueError(f"empty_lines must be one of {EMPTY_LINE_POLICIES}, got {empty_lines!r}")
-        if long_sentences not in LONG_SENTENCE_POLICIES:
-            raise ValueError(
-                f"long_sentences must be one of {LONG_SENTENCE_POLICIES}, got {long_sentences!r}"
-            )
-        if src_lang == tgt_lang:
-            raise ValueError(f"src_lang and tgt_lang must differ, both are {src_lang!r}")
-        if int(vocab_size) < MIN_VOCAB_SIZE:
-            raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
-        if int(max_len) < 3:
-            raise ValueError(f"max_len must be >= 3 (BOS, one token, EOS), got {max_len}")
-        if int(max_tokens) < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        for name, value in (
-            ("max_train_examples", max_train_examples),
-            ("max_eval_examples", max_eval_examples),
-        ):
-            if value is not None and int(value) < 1:
-                raise ValueError(f"{name} must be None or >= 1, got {value}")
+        _check_text_settings(
+            empty_lines=empty_lines, long_sentences=long_sentences, src_lang=src_lang, tgt_lang=tgt_lang,
+            vocab_size=vocab_size, max_len=max_len, max_tokens=max_tokens,
+            max_examples={"max_train_examples": max_train_examples, "max_eval_examples": max_eval_examples},
+        )
         self.train_prefix = str(train_prefix)
         self.val_prefix = str(val_prefix)
         self.test_prefix = None if test_prefix is None else str(test_prefix)
@@ -874,7 +923,8 @@ class ParallelTextDataModule(SplitDataModule):
 class Multi30kDataModule(ParallelTextDataModule):
     """Multi30k Task 1 English-German shipped in ``data/multi30k`` (29,000 / 1,014 / 1,000 pairs).
 
-    Defaults read the repository's copy (gzip-compressed) so the Hydra config needs only ``_target_``.
+    Defaults read the repository's copy (gzip-compressed) so the Hydra config needs only ``_target_``;
+    every other setting is ``ParallelTextDataModule``'s.
     """
 
     def __init__(
@@ -883,37 +933,6 @@ class Multi30kDataModule(ParallelTextDataModule):
         train_prefix: str = str(MULTI30K_DIR / "train"),
         val_prefix: str = str(MULTI30K_DIR / "val"),
         test_prefix: str | None = str(MULTI30K_DIR / "test2016"),
-        src_lang: str = "en",
-        tgt_lang: str = "de",
-        vocab_size: int = 8000,
-        min_frequency: int = 2,
-        max_tokens: int = 4096,
-        max_len: int = 128,
-        cache_dir: str = ".cache",
-        num_workers: int = 0,
-        seed: int = 0,
-        empty_lines: str = "skip",
-        long_sentences: str = "skip",
-        max_train_examples: int | None = None,
-        max_eval_examples: int | None = None,
-        tokenizer: str | None = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(
-            train_prefix=train_prefix,
-            val_prefix=val_prefix,
-            test_prefix=test_prefix,
-            src_lang=src_lang,
-            tgt_lang=tgt_lang,
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            max_tokens=max_tokens,
-            max_len=max_len,
-            cache_dir=cache_dir,
-            num_workers=num_workers,
-            seed=seed,
-            empty_lines=empty_lines,
-            long_sentences=long_sentences,
-            max_train_examples=max_train_examples,
-            max_eval_examples=max_eval_examples,
-            tokenizer=tokenizer,
-        )
+        super().__init__(train_prefix=train_prefix, val_prefix=val_prefix, test_prefix=test_prefix, **settings)
