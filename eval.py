@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from datamodules.coco import DataError
+from datamodules.errors import DataError
 from modules.private_api import PrivateAPIError
 from tasks.runtime import ConfigError, open_overrides, register_resolvers, register_schema, to_plain
 

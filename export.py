@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from datamodules.coco import DataError
+from datamodules.errors import DataError
 from tasks.runtime import ConfigError, register_resolvers, register_schema
 
 register_resolvers()

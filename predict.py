@@ -24,7 +24,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from datamodules.coco import DataError
+from datamodules.errors import DataError
 from tasks.runtime import ConfigError, open_overrides, register_resolvers, register_schema, to_plain
 
 register_resolvers()

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from datamodules.coco import DataError
+from datamodules.errors import DataError
 from modules.private_api import PrivateAPIError
 from tasks.reliability import RunGuard, TrainingInterrupted
 from tasks.runtime import (

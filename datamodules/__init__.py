@@ -3,11 +3,10 @@
 from datamodules.coco import (
     CocoDataModule,
     CocoDetectionDataset,
-    DataError,
-    MissingDataError,
     collate_detection,
     make_detection_transforms,
 )
+from datamodules.errors import DataError, MissingDataError
 from datamodules.shapes import ShapesDataModule, generate_shapes_dataset
 
 __all__ = [

@@ -8,6 +8,24 @@ from torch.utils.data import DataLoader
 from .sampling import ResumableDataLoader
 
 
+def fit_progress(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(batches of the current epoch already trained, batches per epoch; 0 when unknown) of ``trainer``."""
+    if trainer is None:
+        return 0, 0
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    total = trainer.num_training_batches
+    return int(done), int(total) if total != float("inf") else 0
+
+
+def position_state(trainer: L.Trainer | None) -> dict[str, int]:
+    """The training position a data module saves in a checkpoint: ``{epoch, batches_done,
+    epoch_batches}`` ({} without a trainer); ``sampling.restore_position`` applies it."""
+    if trainer is None:
+        return {}
+    done, total = fit_progress(trainer)
+    return {"epoch": int(trainer.current_epoch), "batches_done": done, "epoch_batches": total}
+
+
 class SplitDataModule(L.LightningDataModule):
     """Subclasses set ``train_dataset`` / ``val_dataset`` / ``test_dataset`` in ``setup`` and define
     ``_loader(dataset, shuffle, name)``; prediction runs on the test split."""
@@ -18,22 +36,14 @@ class SplitDataModule(L.LightningDataModule):
     def train_progress(self) -> tuple[int, int]:
         """(batches of the current epoch already trained, batches per epoch) from the attached trainer;
         ``datamodules.sampling.ResumableDataLoader`` stores it in checkpoints to resume mid-epoch."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        total = trainer.num_training_batches
-        return int(done), int(total) if total != float("inf") else 0
+        return fit_progress(self.trainer)
 
     # resume position ---------------------------------------------------------------------------
     # Saved in every checkpoint (under the data module's class name) and restored by Lightning *before*
     # configure_optimizers, which may already build and iterate the train loader (cosine schedules ask
     # for ``estimated_stepping_batches``) -- too early for the loader's own state, restored later.
     def state_dict(self) -> dict:
-        if self.trainer is None:
-            return {}
-        done, total = self.train_progress()
-        return {"epoch": int(self.trainer.current_epoch), "batches_done": done, "epoch_batches": total}
+        return position_state(self.trainer)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending_resume = dict(state_dict) if state_dict else None

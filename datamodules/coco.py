@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,45 +35,20 @@ from torchvision.datasets import CocoDetection, VisionDataset
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
-from .base import SplitDataModule
-from .sampling import EpochSampler, EvalSampler, ResumableDataLoader, SeededDataset
+from modules.backbone import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .base import SplitDataModule
+from .errors import DataError, MissingDataError, check_relative_file_name, read_json
+from .sampling import EpochSampler, EvalSampler, ResumableDataLoader, SeededDataset
 
 # DETR's multi-scale recipe (Carion et al. 2020): shortest side 480..800 step 32, longer side <= 1333.
 DETR_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 DETR_VAL_SCALE = 800
 DETR_MAX_SIZE = 1333
 
-_EXIF_ORIENTATION = 0x0112
-
-
-class DataError(ValueError):
-    """The data on disk is not what the loader needs; the message says which file and how to fix it."""
-
-
-class MissingDataError(DataError, FileNotFoundError):
-    """A file or folder the data configuration points to does not exist."""
-
-
-# --------------------------------------------------------------------------------------------
-# JSON loading and validation
-# --------------------------------------------------------------------------------------------
-
-
-def _unsafe_file_name(file_name: str) -> bool:
-    """True if ``file_name`` is absolute or walks up with ``..`` (on POSIX or Windows rules)."""
-    if not file_name or file_name.startswith(("/", "\\")):
-        return True
-    for pure in (PurePosixPath(file_name), PureWindowsPath(file_name)):
-        if pure.is_absolute() or pure.drive or ".." in pure.parts:
-            return True
-    return False
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how to rotate/flip the stored pixels
+# What PIL raises for a file that is not a (complete) image.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def load_coco_json(path: str | Path) -> dict[str, Any]:
@@ -84,22 +58,11 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     otherwise) when the file cannot serve as detection ground truth.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MissingDataError(
-            f"COCO annotation file not found: {path}. Check the data config's root and *_json arguments "
-            "(relative paths are resolved against root)."
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}, line {e.lineno}, column {e.colno}). "
-            "Fix the file there or regenerate it."
-        ) from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e}). COCO JSON must be UTF-8.") from e
-    return check_coco_dict(data, path)
+    missing = (
+        f"COCO annotation file not found: {path}. Check the data config's root and *_json arguments "
+        "(relative paths are resolved against root)."
+    )
+    return check_coco_dict(read_json(path, missing), path)
 
 
 def check_coco_dict(data: Any, path: Path) -> dict[str, Any]:
@@ -110,6 +73,10 @@ def check_coco_dict(data: Any, path: Path) -> dict[str, Any]:
     image_ids = _check_images(data["images"], path)
     _check_annotations(data["annotations"], path, image_ids, category_ids)
     return data
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x: Any) -> bool:
@@ -169,11 +136,7 @@ def _check_image(img: Any, where: str) -> None:
     file_name = img.get("file_name")
     if not isinstance(file_name, str):
         raise DataError(f"{where} needs a string 'file_name'.")
-    if _unsafe_file_name(file_name):
-        raise DataError(
-            f"{where} file_name {file_name!r} escapes the images folder "
-            "(absolute path or '..'). Use a path relative to the images folder."
-        )
+    check_relative_file_name(file_name, f"{where} file_name")
 
 
 def _check_annotations(
@@ -301,7 +264,7 @@ def image_header_problem(path: Path) -> str | None:
         with Image.open(path) as im:
             if im.format == "PNG":
                 im.verify()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except IMAGE_DECODE_ERRORS as e:
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -350,7 +313,7 @@ def load_rgb_image(path: str | Path, expected_size: tuple[int, int] | None = Non
     """
     with _decode_image(path) as raw:
         oriented = raw
-        if raw.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        if raw.getexif().get(EXIF_ORIENTATION, 1) != 1:
             oriented = ImageOps.exif_transpose(raw)
         if expected_size is not None and oriented.size != tuple(expected_size):
             oriented = _pixels_matching_json(raw, oriented, tuple(expected_size), path)
@@ -364,7 +327,7 @@ def _decode_image(path: str | Path) -> Image.Image:
     try:
         raw = Image.open(path)
         raw.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except IMAGE_DECODE_ERRORS as e:
         if raw is not None:
             raw.close()
         raise DataError(
@@ -669,11 +632,6 @@ class CocoDataModule(SplitDataModule):
                 self.setup("fit")
             info["label_counts"] = list(self.train_dataset.label_counts)
         return info
-
-    def label_to_category_id(self, labels: Tensor) -> Tensor:
-        """Map contiguous labels (any shape, int) back to the JSON's category ids (same shape)."""
-        table = torch.tensor(self.data_info["category_ids"], dtype=torch.int64, device=labels.device)
-        return table[labels.long()]
 
     # setup -------------------------------------------------------------------------------------
     def labels_file(self, split: str) -> Path | None:

@@ -17,13 +17,13 @@ from typing import Any
 
 from PIL import Image
 
-from .coco import CocoDataModule, DataError, MissingDataError, check_coco_dict
+from .coco import EXIF_ORIENTATION, IMAGE_DECODE_ERRORS, CocoDataModule, check_coco_dict
+from .errors import DataError, MissingDataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # A box may overshoot the image border by this much (annotation tools' rounding, VOC's 1-based
 # pixels); it is clamped to the border. Any further out is an error.
 EDGE_TOLERANCE_PX = 1.0
-_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -47,8 +47,8 @@ def image_size(path: Path, stated: tuple[int, int] | None, where: str) -> tuple[
     try:
         with Image.open(path) as im:
             stored = im.size
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except IMAGE_DECODE_ERRORS as e:
         raise DataError(
             f"{where}: image {path} cannot be read ({type(e).__name__}: {e}); it is corrupt or truncated. "
             "Replace it or remove it from the dataset."

@@ -17,7 +17,6 @@ sample is ``(image float [3, H, W], labels float [C] multi-hot)``; a batch is ``
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,15 +27,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .coco import (
-    DataError,
-    MissingDataError,
-    _unsafe_file_name,
-    check_images_exist,
-    collate_detection,
-    load_rgb_image,
-    make_detection_transforms,
-)
+from .coco import check_images_exist, collate_detection, load_rgb_image, make_detection_transforms
+from .errors import DataError, check_relative_file_name, read_json
 
 Entry = tuple[str, tuple[int, int] | None, list[int]]  # file name, (width, height) from the JSON, labels
 
@@ -59,15 +51,11 @@ def load_label_mapping(path: Path, class_names: Sequence[str]) -> list[Entry]:
     Raises ``DataError`` naming the file (and line for malformed JSON, the image and the name
     otherwise) for anything but an object of relative file names mapping to lists of known class names.
     """
-    if not path.is_file():
-        raise MissingDataError(
-            f"multi-label mapping file not found: {path}. Check the data config's *_labels arguments "
-            "(relative paths are resolved against root)."
-        )
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}). Fix the file there.") from e
+    missing = (
+        f"multi-label mapping file not found: {path}. Check the data config's *_labels arguments "
+        "(relative paths are resolved against root)."
+    )
+    mapping = read_json(path, missing)
     if not isinstance(mapping, dict):
         raise DataError(f"{path}: must be a JSON object {{file_name: [class names]}}, got {type(mapping).__name__}.")
     index = {name: i for i, name in enumerate(class_names)}
@@ -77,11 +65,7 @@ def load_label_mapping(path: Path, class_names: Sequence[str]) -> list[Entry]:
 def _label_indices(names: Any, index: dict[str, int], path: Path, file_name: str) -> list[int]:
     """The sorted labels of one image's class ``names``; ``DataError`` for an unsafe ``file_name``, a
     value that is not a list of strings, or an unknown name (with the closest known ones)."""
-    if _unsafe_file_name(file_name):
-        raise DataError(
-            f"{path}: file name {file_name!r} escapes the images folder (absolute path or '..'). "
-            "Use a path relative to the images folder."
-        )
+    check_relative_file_name(file_name, f"{path}: file name")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{path}: {file_name!r} must map to a list of class names, got {names!r}.")
     for name in names:

@@ -33,6 +33,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 
+from .base import position_state
+from .sampling import restore_position
+
 MODES = ("round_robin", "weighted")
 
 
@@ -213,12 +216,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                                     self.mode, self.weights, self.steps_per_epoch, self.seed)
         state, self._pending_resume = self._pending_resume, None
         if state:
-            done, total = int(state["batches_done"]), int(state["epoch_batches"])
-            if total and done >= total:  # saved at the end of an epoch: the next one starts afresh
-                loader.set_epoch(int(state["epoch"]) + 1)
-            else:
-                loader.set_epoch(int(state["epoch"]))
-                loader.resume(done)
+            restore_position(loader, state)
         elif self.trainer is not None:
             loader.set_epoch(self.trainer.current_epoch)
         return loader
@@ -231,13 +229,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     # resume position (see datamodules/base.py: restored before the loader is built) ------------------
     def state_dict(self) -> dict:
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        total = trainer.num_training_batches
-        return {"epoch": int(trainer.current_epoch), "batches_done": int(done),
-                "epoch_batches": int(total) if total != float("inf") else 0}
+        return position_state(self.trainer)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending_resume = dict(state_dict) if state_dict else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -182,9 +182,16 @@ class ResumableDataLoader(DataLoader):
         target = self._resumable()
         if target is None or not state:
             return
-        epoch, done, total = int(state["epoch"]), int(state["batches_done"]), int(state["epoch_batches"])
-        if total and done >= total:  # saved at the end of an epoch: the next one starts afresh
-            target.set_epoch(epoch + 1)
-            return
-        target.set_epoch(epoch)
-        target.resume(done if target is self.batch_sampler else done * (self.batch_size or 1))
+        restore_position(target, state, items_per_batch=1 if target is self.batch_sampler else self.batch_size or 1)
+
+
+def restore_position(target: Any, state: Mapping[str, int], items_per_batch: int = 1) -> None:
+    """Put ``target`` (an object with ``set_epoch`` and ``resume``) at a saved ``{epoch, batches_done,
+    epoch_batches}``: mid-epoch, it skips the batches already trained (``items_per_batch`` items each
+    for a sampler of single items); saved at an epoch's end, the next epoch starts afresh."""
+    epoch, done, total = int(state["epoch"]), int(state["batches_done"]), int(state["epoch_batches"])
+    if total and done >= total:
+        target.set_epoch(epoch + 1)
+        return
+    target.set_epoch(epoch)
+    target.resume(done * items_per_batch)

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datamodules.coco import CocoDataModule, DataError
+from .coco import CocoDataModule
+from .errors import DataError
 
 # Bump when the generator's output changes, so old caches are not reused.
 GENERATOR_VERSION = 1

@@ -42,11 +42,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from datamodules.coco import DataError, MissingDataError
 from modules.marian import resolve_source
 from modules.marian_vocab import MarianVocab
 
 from .base import SplitDataModule
+from .errors import DataError, MissingDataError
 from .sampling import ResumableDataLoader
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -216,7 +216,8 @@ def _add_non_empty_pairs(
 
 
 def _new_tokenizer() -> Tokenizer:
-    """Untrained byte-level BPE: lossless for any text, so decode(encode(x)) == normalize_text(x).
+    """Untrained byte-level BPE, lossless for any text: ``tokenizer.decode(tokenizer.encode(x).ids)`` is
+    ``normalize_text(x)`` (``decode`` drops the special tokens).
 
     The normalizer repeats ``normalize_text`` (a no-op on its output) so that the tokenizer alone,
     e.g. rebuilt from a checkpoint, treats raw input the same way. ``add_prefix_space`` gives the first
@@ -345,36 +346,9 @@ def _train_tokenizer(
     return tokenizer, len(lines)
 
 
-def tokenizer_from_info(data_info: Mapping[str, Any]) -> Tokenizer:
-    """Rebuild the tokenizer stored in a data module's ``data_info`` (e.g. from a checkpoint's hparams)."""
-    tokenizer = Tokenizer.from_str(data_info["tokenizer_json"])
-    check_special_ids(tokenizer, "data_info['tokenizer_json']")
-    if tokenizer.get_vocab_size() != int(data_info["vocab_size"]):
-        raise DataError(
-            f"data_info: vocab_size {data_info['vocab_size']} does not match its tokenizer "
-            f"({tokenizer.get_vocab_size()})."
-        )
-    return tokenizer
-
-
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of ``normalize_text(text)``, without BOS/EOS."""
-    return tokenizer.encode(normalize_text(text), add_special_tokens=False).ids
-
-
 def encode_many(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """``encode`` for many strings already passed through ``normalize_text`` (parallel ``encode_batch``)."""
+    """Token ids (no BOS/EOS) of strings already passed through ``normalize_text`` (parallel ``encode_batch``)."""
     return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
-
-def decode(tokenizer: Tokenizer, ids: Sequence[int] | Tensor) -> str:
-    """Text of ``ids`` with special tokens (pad, bos, eos, unk, mask) dropped; exact inverse of ``encode``.
-
-    It does not stop at EOS: cut model output at its first EOS before calling this.
-    """
-    if isinstance(ids, Tensor):
-        ids = ids.tolist()
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -851,8 +825,8 @@ class ParallelTextDataModule(SplitDataModule):
     def data_info(self) -> dict[str, Any]:
         """Plain str/int dict for the task: vocabulary, special ids, languages and the tokenizer JSON.
 
-        ``tokenizer_from_info(data_info)`` rebuilds the tokenizer, so a checkpoint that stores this dict
-        translates without the training files.
+        The translation task rebuilds the tokenizer from it (``tasks.translation.tokenizer_from_info``),
+        so a checkpoint that stores this dict translates without the training files.
         """
         tokenizer = self.tokenizer
         if isinstance(tokenizer, MarianVocab):

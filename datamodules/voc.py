@@ -34,7 +34,7 @@ from xml.parsers import expat
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from .coco import DataError, MissingDataError, _unsafe_file_name
+from .errors import DataError, MissingDataError, check_relative_file_name
 from .formats import (
     IMAGE_SUFFIXES,
     ConvertedDataModule,
@@ -243,8 +243,7 @@ class VocDataModule(ConvertedDataModule):
     def _image_file(self, xml: Path, image_id: str, filename: str | None, present: set[str]) -> str:
         """The image's name relative to the images folder: the XML's <filename>, else <id>.<ext>."""
         if filename is not None:
-            if _unsafe_file_name(filename):
-                raise DataError(f"{xml}: <filename> {filename!r} escapes the images folder; use a plain file name.")
+            check_relative_file_name(filename, f"{xml}: <filename>")
             if filename in present or (self.images_dir / filename).is_file():
                 return filename
             raise MissingDataError(f"{xml}: image {filename!r} (its <filename>) is missing from {self.images_dir}. "

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .coco import DataError, MissingDataError
+from .errors import DataError, MissingDataError
 from .formats import (
     IMAGE_SUFFIXES,
     ConvertedDataModule,

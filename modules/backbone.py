@@ -13,6 +13,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from .position import sine_positions_2d
 
 _RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# Per-channel RGB statistics of ImageNet, which the pretrained trunks were trained on: the image data
+# modules normalise with them, display and export code undo or state that normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ConvFrozenBN(nn.Module):

@@ -27,7 +27,8 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from datamodules.coco import DataError, collate_detection, load_rgb_image, make_detection_transforms, to_rgb
+from datamodules.coco import collate_detection, load_rgb_image, make_detection_transforms, to_rgb
+from datamodules.errors import DataError
 from datamodules.multilabel import ImageOnly
 
 from .base import CHECKPOINT_KEY, BaseTask

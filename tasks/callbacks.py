@@ -11,8 +11,7 @@ from torch import Tensor
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from modules.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 
 class DetectionVisualizer(L.Callback):

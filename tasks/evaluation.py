@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from datamodules.coco import DataError, load_coco_json
+from datamodules.coco import load_coco_json
+from datamodules.errors import DataError
 
 from .api import Predictor
 from .coco_eval import format_table, per_class_rows

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from datamodules.coco import IMAGENET_MEAN, IMAGENET_STD
+from modules.backbone import IMAGENET_MEAN, IMAGENET_STD
 from modules.export import DetectorForExport, TaggerForExport
 
 from .runtime import ConfigError

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAveragePrecision
 
+from modules.backbone import IMAGENET_MEAN, IMAGENET_STD
 from modules.dtypes import at_least_float32
 from modules.multilabel import (
     PAD_ID,
@@ -23,9 +24,6 @@ from modules.multilabel import (
 )
 
 from .base import BaseTask
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MultilabelScores(Metric):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.coco import CocoDataModule, DataError, MissingDataError
+from datamodules.coco import CocoDataModule
+from datamodules.errors import DataError, MissingDataError
 from datamodules.shapes import ShapesDataModule
 from tests.datamodules.test_coco import write_coco
 

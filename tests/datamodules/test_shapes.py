@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import datamodules.shapes as shapes
-from datamodules.coco import DataError
+from datamodules.errors import DataError
 from datamodules.shapes import COMPLETE_MARKER, ShapesDataModule, generate_shapes_dataset
 
 SMALL = {"num_train": 12, "num_val": 4, "num_test": 5, "image_size": 64, "min_objects": 2, "max_objects": 4}

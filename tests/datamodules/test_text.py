@@ -14,7 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from datamodules.coco import DataError, MissingDataError
+from datamodules.errors import DataError, MissingDataError
 from datamodules.text import (
     BOS_ID,
     EOS_ID,
@@ -28,13 +28,17 @@ from datamodules.text import (
     ParallelTextDataset,
     TokenBucketBatchSampler,
     collate_translation,
-    decode,
-    encode,
     normalize_text,
     read_parallel,
-    tokenizer_from_info,
     train_or_load_tokenizer,
 )
+from tasks.translation import tokenizer_from_info
+
+
+def ids_of(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of a sentence without BOS/EOS, as the translation task encodes one."""
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
 
 EN = [
     "Two young men are outside near many bushes.",
@@ -169,10 +173,11 @@ def test_file_without_final_newline_and_bom(tmp_path: Path) -> None:
     ],
 )
 def test_tokenizer_round_trip(tokenizer: Tokenizer, text: str) -> None:
-    ids = encode(tokenizer, text)
+    """As the translation task uses it: raw text in, the tokenizer's own normalizer, specials dropped."""
+    ids = ids_of(tokenizer, text)
     assert ids and all(i >= len(SPECIAL_TOKENS) for i in ids)  # no specials, never <unk> (byte-level)
-    assert decode(tokenizer, ids) == normalize_text(text)
-    assert decode(tokenizer, torch.tensor([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID])) == normalize_text(text)
+    assert tokenizer.decode(ids) == normalize_text(text)
+    assert tokenizer.decode([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID]) == normalize_text(text)
 
 
 def test_tokenizer_special_ids_fixed(tokenizer: Tokenizer) -> None:
@@ -191,7 +196,7 @@ def test_tokenizer_special_ids_fixed(tokenizer: Tokenizer) -> None:
     # the tokenizer alone (e.g. rebuilt from a checkpoint) normalises raw input the same way
     rebuilt = Tokenizer.from_str(tokenizer.to_str())
     raw = "Zwei\u00a0 Männer\t"
-    assert rebuilt.encode(raw, add_special_tokens=False).ids == encode(tokenizer, raw)
+    assert ids_of(rebuilt, raw) == ids_of(tokenizer, normalize_text(raw))
 
 
 def test_tokenizer_cache_reused_and_invalidated(corpus: Path, tmp_path: Path, capsys) -> None:
@@ -380,7 +385,7 @@ def test_datamodule_batches(corpus: Path, tmp_path: Path) -> None:
         for row, i in enumerate(batch["index"].tolist()):
             assert batch["src_text"][row] == EN[i] and batch["tgt_text"][row] == DE[i]
             ids = src[row][~batch["src_padding_mask"][row]].tolist()
-            assert decode(dm.tokenizer, ids) == EN[i]
+            assert dm.tokenizer.decode(ids) == EN[i]
         seen += batch["index"].tolist()
     assert sorted(seen) == list(range(len(EN)))
     val_lengths = [len(b["index"]) for b in dm.val_dataloader()]
@@ -401,7 +406,7 @@ def test_data_info_is_plain_and_rebuilds_tokenizer(corpus: Path, tmp_path: Path)
     assert (info["src_lang"], info["tgt_lang"]) == ("de", "en")
     tok = tokenizer_from_info(info)
     assert tok.get_vocab_size() == info["vocab_size"]
-    assert decode(tok, encode(tok, DE[0])) == DE[0]
+    assert tok.decode(ids_of(tok, DE[0])) == DE[0]
     torch.save({"data_info": info}, tmp_path / "ck.pt")
     assert torch.load(tmp_path / "ck.pt", weights_only=True)["data_info"] == info
 
@@ -575,4 +580,4 @@ def test_shipped_multi30k_loads(tmp_path_factory: pytest.TempPathFactory) -> Non
     batch = next(iter(dm.train_dataloader()))
     assert batch["src"].shape[0] * max(batch["src"].shape[1], batch["tgt"].shape[1]) <= 4096
     for text in dm.val_dataset.tgt_text[:50]:
-        assert decode(dm.tokenizer, encode(dm.tokenizer, text)) == text
+        assert dm.tokenizer.decode(ids_of(dm.tokenizer, text)) == text

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
-from datamodules.coco import DataError, MissingDataError, coco_from_dict
+from datamodules.coco import coco_from_dict
+from datamodules.errors import DataError, MissingDataError
 from datamodules.voc import VocDataModule
 from tests.conftest import TINY_MODEL
 from train import train

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.coco import DataError, MissingDataError
+from datamodules.errors import DataError, MissingDataError
 from datamodules.yolo import YoloDataModule, label_path
 from tests.conftest import TINY_MODEL
 from train import train
