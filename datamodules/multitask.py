@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 
 from .base import position_state
-from .sampling import restore_position
+from .sampling import EpochPosition, restore_position
 
 MODES = ("round_robin", "weighted")
 
@@ -96,7 +96,7 @@ class _TaskStream:
             return next(self.iterator)
 
 
-class TaskScheduleLoader:
+class TaskScheduleLoader(EpochPosition):
     """Training batches ``(task name, batch)``, one task per step, over the tasks' own loaders.
 
     ``set_epoch(e)`` selects epoch e (Lightning calls it through ``sampler``); ``resume(k)`` skips the
@@ -124,14 +124,6 @@ class TaskScheduleLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.skip = 0
-        self.epoch = int(epoch)
-
-    def resume(self, skip: int) -> None:
-        self.skip = max(0, int(skip))
-
     def schedule(self, epoch: int) -> list[int]:
         """Task index per step of ``epoch``."""
         return task_schedule(self.mode, self.weights, self.steps_per_epoch, self.seed, epoch)
@@ -146,8 +138,7 @@ class TaskScheduleLoader:
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         # a generator: runs at the first next(), after Lightning's set_epoch for this epoch
-        epoch, skip = self.epoch, self.skip
-        self.skip = 0
+        epoch, skip = self.epoch, self.take_skip()
         order = self.schedule(epoch)
         start = self.batches_before(epoch, skip)
         streams: dict[int, _TaskStream] = {}

@@ -75,7 +75,29 @@ class SeededDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-class EpochSampler(DistributedSampler):
+class EpochPosition:
+    """Where an epoch-wise order stands: ``set_epoch(e)`` selects epoch e; ``resume(k)`` skips the first
+    k items (samples or batches) of the current epoch on the next iteration only (a mid-epoch restart),
+    and selecting another epoch forgets it. ``restore_position`` drives both from a checkpoint."""
+
+    epoch: int = 0
+    skip: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.skip = 0
+        self.epoch = int(epoch)
+
+    def resume(self, skip: int) -> None:
+        self.skip = max(0, int(skip))
+
+    def take_skip(self) -> int:
+        """The pending ``resume`` skip, handed out once: the iteration that takes it starts there."""
+        skip, self.skip = self.skip, 0
+        return skip
+
+
+class EpochSampler(EpochPosition, DistributedSampler):
     """Training order: a permutation drawn from ``seed + epoch`` (with ``shuffle``), split over ranks as
     ``DistributedSampler`` does (padded to equal counts: DDP needs the same number of steps per rank).
 
@@ -111,14 +133,9 @@ class EpochSampler(DistributedSampler):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != getattr(self, "epoch", None):
-            self.skip = 0
-        self.epoch = int(epoch)
+        super().set_epoch(epoch)
         if self.generator is not None:
             self.generator.manual_seed(sample_seed(self.seed, self.epoch, -1))
-
-    def resume(self, skip: int) -> None:
-        self.skip = max(0, int(skip))
 
     def indices(self) -> list[int]:
         """This rank's full index list for the current epoch."""
@@ -134,8 +151,7 @@ class EpochSampler(DistributedSampler):
         return order[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[Any]:
-        skip, self.skip = self.skip, 0
-        for i in self.indices()[skip:]:
+        for i in self.indices()[self.take_skip():]:
             yield (i, sample_seed(self.seed, self.epoch, i)) if self.seeded else i
 
 

@@ -47,7 +47,7 @@ from modules.marian_vocab import MarianVocab
 
 from .base import SplitDataModule
 from .errors import DataError, MissingDataError
-from .sampling import ResumableDataLoader
+from .sampling import EpochPosition, ResumableDataLoader
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")  # position = id
@@ -579,7 +579,7 @@ class _EpochForwarder:
         self._owner.set_epoch(epoch)
 
 
-class TokenBucketBatchSampler(BatchSampler):
+class TokenBucketBatchSampler(EpochPosition, BatchSampler):
     """Batches of similar-length examples whose padded size ``B * max(lengths in batch)`` <= ``max_tokens``.
 
     Examples are sorted by length (``lengths[i]`` = max(S_i, T_i) in tokens) and cut greedily into
@@ -646,15 +646,9 @@ class TokenBucketBatchSampler(BatchSampler):
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle of ``epoch`` (no effect without ``shuffle``); a pending ``resume`` is kept
         only for the same epoch."""
-        if int(epoch) != self.epoch:
-            self.skip = 0
-        self.epoch = int(epoch)
+        super().set_epoch(epoch)
         if self.generator is not None:
             self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
-
-    def resume(self, skip: int) -> None:
-        """Skip the first ``skip`` batches of the current epoch on the next iteration."""
-        self.skip = max(0, int(skip))
 
     def _cut(self, order: np.ndarray) -> list[list[int]]:
         """Greedy batches over ``order`` (sorted by length): extend while B * max_len fits the budget."""
@@ -694,8 +688,7 @@ class TokenBucketBatchSampler(BatchSampler):
         return self._cache[1]
 
     def __iter__(self) -> Iterator[list[int]]:
-        skip, self.skip = self.skip, 0
-        yield from (list(b) for b in self._rank_batches()[skip:])
+        yield from (list(b) for b in self._rank_batches()[self.take_skip():])
 
     def __len__(self) -> int:
         if not self.shuffle and self.num_replicas > 1:
