@@ -90,13 +90,34 @@ def task_classes() -> dict[str, type[BaseTask]]:
     return {**TASKS, "multitask": MultiTask}
 
 
+def upgrade_settings(task_name: str, model: dict, settings: dict) -> tuple[dict, dict]:
+    """``(model, task settings)`` of an older checkpoint in today's layout: detection's
+    ``position_offset``; ``model.mode`` / ``model.decoding`` / ``test_decoding`` became the task's
+    ``mode`` and ``decoding`` (the test decoding, with ``validation`` holding what validation did)."""
+    model, settings = dict(model), dict(settings)
+    if task_name == "detection" and "position_offset" not in model:
+        model["position_offset"] = LEGACY_POSITION_OFFSET
+    if "mode" in model:
+        settings["mode"] = model.pop("mode")
+    if "decoding" in model:
+        old, test = dict(model.pop("decoding") or {}), dict(settings.pop("test_decoding", None) or {})
+        settings["decoding"] = {**old, **test, "validation": {k: old[k] for k in test if k in old}}
+    return model, settings
+
+
 def build_task(ckpt: dict) -> BaseTask:
     """The checkpoint's task with its trained weights, in eval mode, on the CPU."""
     meta = ckpt[CHECKPOINT_KEY]
     hparams = dict(ckpt["hyper_parameters"])
     hparams["model"] = without_weight_sources(hparams["model"])
-    if meta["task"] == "detection" and "position_offset" not in hparams["model"]:
-        hparams["model"] = {**hparams["model"], "position_offset": LEGACY_POSITION_OFFSET}
+    if meta["task"] == "multitask":
+        models, tasks = dict(hparams["model"]), dict(hparams["tasks"])
+        for name in [n for n in tasks if tasks[n] is not None and n in models]:
+            models[name], tasks[name] = upgrade_settings(name, models[name], tasks[name])
+        hparams["model"], hparams["tasks"] = models, tasks
+    else:
+        model, hparams = upgrade_settings(meta["task"], hparams["model"], hparams)
+        hparams["model"] = model
     task = task_classes()[meta["task"]](**hparams)
     task.load_state_dict(ckpt["state_dict"], strict=True)
     task.remember_data(meta.get("data"), meta.get("preprocessing"))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from torch import nn
+from torch import Tensor, nn
 
 CHECKPOINT_KEY = "mtdetr"
 
@@ -52,6 +52,7 @@ class BaseTask(L.LightningModule):
 
     def __init__(
         self,
+        *,
         lr: float = 1e-4,
         lr_backbone: float = 1e-5,
         weight_decay: float = 1e-4,
@@ -137,6 +138,25 @@ class BaseTask(L.LightningModule):
             return self.trainer
         except RuntimeError:
             return None
+
+    def check_finite(self, loss: Tensor, terms: dict[str, Tensor] | None = None) -> None:
+        """Stop training with a one-line error when the loss is NaN or infinite (``terms``: the loss's
+        parts, named in the message); the checkpoints already written stay untouched."""
+        if bool(torch.isfinite(loss)):
+            return
+        parts = f" (terms: { {k: round(float(v), 4) for k, v in terms.items()} })" if terms else ""
+        raise FloatingPointError(
+            f"training loss is {loss.item()} at global step {self.global_step}{parts}. Lower the learning rate "
+            "or check the data; the last good checkpoint is in the run's checkpoints/ folder.")
+
+    def log_samples_table(self, key: str, columns: list[str], rows: Callable[[], list[list]]) -> None:
+        """A W&B table of validation samples (``rows()`` builds it, only when a W&B logger is there), once
+        per validation epoch on the first process, not during the sanity check."""
+        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=key, columns=columns, data=rows(), step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # plain values only: checkpoints must load with torch.load(weights_only=True)

@@ -19,7 +19,7 @@ class DetectionVisualizer(L.Callback):
     the first ``num_images`` validation images: ``<run>/predictions/epoch{E}.png`` and, with a W&B
     logger, ``wandb.Image(..., boxes=...)`` under ``val/predictions``."""
 
-    def __init__(self, num_images: int = 4, score_threshold: float = 0.5, dirname: str = "predictions") -> None:
+    def __init__(self, *, num_images: int = 4, score_threshold: float = 0.5, dirname: str = "predictions") -> None:
         self.num_images, self.score_threshold, self.dirname = num_images, score_threshold, dirname
         self._batch: tuple | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
@@ -42,6 +43,9 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     The refresh calls Lightning's private last-checkpoint writer (``modules.private_api``): where this
     Lightning lacks it, ``setup`` (before the first step) stops with a one-line ``PrivateAPIError``.
     """
+
+    def __init__(self, **kwargs: Any) -> None:  # keyword arguments only, as every class a config builds
+        super().__init__(**kwargs)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

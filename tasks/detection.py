@@ -39,6 +39,7 @@ class DetectionTask(BaseTask):
 
     def __init__(
         self,
+        *,
         model: dict,
         data_info: dict,
         class_loss: str = "ce",
@@ -92,12 +93,7 @@ class DetectionTask(BaseTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         _, losses, loss = self._losses(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at global step {self.global_step} "
-                f"(terms: { {k: round(v.item(), 4) for k, v in losses.items()} }). Lower the learning rate "
-                "or check the data; the last good checkpoint is in the run's checkpoints/ folder."
-            )
+        self.check_finite(loss, losses)
         bs = len(batch["targets"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)

@@ -160,7 +160,7 @@ def evaluate_translation(predictor: Predictor, datamodule: Any, split: str, out_
     from modules.decoding import check_settings
 
     task = predictor.task
-    settings = {**(task.test_decoding if split == "test" else {}), **(decoding or {})}
+    settings = {**(task.val_decoding if split == "val" else {}), **(decoding or {})}
     check_settings({**task.decoding, **settings}, "decoding")
     if hasattr(datamodule, "use_tokenizer"):
         datamodule.use_tokenizer(task.tokenizer)  # the checkpoint's: the train split is not read

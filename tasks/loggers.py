@@ -22,9 +22,9 @@ class WandbLogger(LightningWandbLogger):
     ``model-<run id>`` with the aliases ``best`` and ``latest`` (one version with both aliases when
     they are the same file). ``log_checkpoints=false`` turns it off."""
 
-    def __init__(self, *args: Any, id: str | None = None, log_checkpoints: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, id: str | None = None, log_checkpoints: bool = True, **kwargs: Any) -> None:
         # ``id`` named here: the run plumbing passes a resumed run's id only to loggers that declare it
-        super().__init__(*args, id=id, **kwargs)
+        super().__init__(id=id, **kwargs)
         self.log_checkpoints = log_checkpoints
         self._fit_checkpoints: Any = None  # the ModelCheckpoint that saved last (not Lightning's attribute)
         self._logged: set[tuple[str, float]] = set()

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from modules.backbone import IMAGENET_MEAN, IMAGENET_STD
+from modules.decoding import check_settings
 from modules.dtypes import at_least_float32
 from modules.multilabel import (
     PAD_ID,
@@ -73,8 +73,7 @@ class MultiLabelTask(BaseTask):
     Args:
         model: keyword arguments of :func:`modules.multilabel.build_multilabel` (the ``model`` config
             group): ``decoder`` "parallel" (label queries, one logit per class) or "sequence" (labels
-            as tokens, most frequent training class first), plus ``decoding`` (settings of
-            :func:`modules.decoding.decode`, sequence decoder only).
+            as tokens, most frequent training class first).
         data_info: ``num_classes``, ``class_names`` and ``label_counts`` (training frequency per class;
             it fixes the sequence order) from the data module.
         loss: "asl" (asymmetric loss) or "bce", for the parallel decoder; the sequence decoder is
@@ -83,6 +82,8 @@ class MultiLabelTask(BaseTask):
         threshold: score at which the parallel decoder predicts a label (for CP/CR/CF1/OP/OR/OF1).
             The sequence decoder predicts the labels it emits.
         num_samples: validation images logged to W&B each epoch (image, true and predicted labels).
+        decoding: the ``decoding`` config group: settings of :func:`modules.decoding.decode` for the
+            sequence decoder (strategy greedy|beam|sample, beam_size, use_cache).
         **optim: optimizer / schedule settings of :class:`tasks.base.BaseTask`.
     """
 
@@ -90,8 +91,10 @@ class MultiLabelTask(BaseTask):
 
     def __init__(
         self,
+        *,
         model: dict,
         data_info: dict,
+        decoding: dict | None = None,
         loss: str = "asl",
         gamma_neg: float = 4.0,
         gamma_pos: float = 0.0,
@@ -103,7 +106,8 @@ class MultiLabelTask(BaseTask):
         super().__init__(**optim)
         self.save_hyperparameters()
         model = dict(model)
-        self.decoding = dict(model.pop("decoding", None) or {})
+        self.decoding = dict(decoding or {})
+        check_settings(self.decoding, "decoding")
         self.data_info = data_info
         num_classes = int(data_info["num_classes"])
         self.class_names = list(data_info.get("class_names") or [str(i) for i in range(num_classes)])
@@ -135,11 +139,7 @@ class MultiLabelTask(BaseTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at global step {self.global_step}. Lower the learning rate "
-                "or check the data; the last good checkpoint is in the run's checkpoints/ folder."
-            )
+        self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
@@ -187,16 +187,14 @@ class MultiLabelTask(BaseTask):
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores(self.val_scores, "val")
-        if self._samples and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            for logger in self.loggers:
-                if isinstance(logger, WandbLogger):
-                    self._log_samples(logger)
+        if self._samples:
+            self.log_samples_table("val/samples", ["image", "labels", "predicted"], self._sample_rows)
         self._samples = []
 
     def on_test_epoch_end(self) -> None:
         self._log_scores(self.test_scores, "test")
 
-    def _log_samples(self, logger: WandbLogger) -> None:
+    def _sample_rows(self) -> list[list]:
         import wandb
 
         mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
@@ -205,5 +203,4 @@ class MultiLabelTask(BaseTask):
             h, w = int((~mask).any(1).sum()), int((~mask).any(0).sum())
             pixels = (img[:, :h, :w] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
             rows.append([wandb.Image(pixels), ", ".join(truth), ", ".join(guess)])
-        logger.log_table(key="val/samples", columns=["image", "labels", "predicted"], data=rows,
-                         step=self.global_step)
+        return rows

@@ -66,6 +66,7 @@ class MultiTask(BaseTask):
 
     def __init__(
         self,
+        *,
         model: dict,
         data_info: dict,
         tasks: dict,
@@ -118,9 +119,6 @@ class MultiTask(BaseTask):
 
     def task(self, name: str) -> BaseTask:
         return getattr(self, name)
-
-    def shared_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.transformer.parameters())
 
     # optimisation ---------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -85,6 +85,8 @@ class TrainSchema:
     task: Any = None
     data: Any = None
     model: Any = None
+    decoding: Any = None
+    task_settings: Any = None
     trainer: Any = None
     logger: Any = None
     callbacks: Any = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
@@ -30,13 +29,26 @@ def tokenizer_from_info(data_info: dict):
     return tokenizer_from_json(data_info["tokenizer_json"]) if "tokenizer_json" in data_info else None
 
 
+def decoding_settings(decoding: dict | None, mode: str) -> tuple[dict, dict]:
+    """``(settings, validation overrides)`` from the ``decoding`` config group, checked now (a typo
+    fails when the task is built, not after training). ``mode=nat`` decodes with strategy ``nat``."""
+    settings = dict(decoding or {"strategy": "greedy"})
+    validation = dict(settings.pop("validation", None) or {})
+    if mode == "nat":
+        if settings.get("strategy", "nat") not in ("nat", "greedy") or validation.get("strategy", "nat") != "nat":
+            raise ValueError("task.mode=nat decodes with decoding.strategy=nat; "
+                             f"got {settings.get('strategy')!r} / validation {validation.get('strategy')!r}")
+        settings["strategy"] = "nat"
+    check_settings(settings, "decoding")
+    check_settings({**settings, **validation}, "decoding.validation")
+    return settings, validation
+
+
 class TranslationTask(BaseTask):
     """Seq2seq translation.
 
     Args:
-        model: the ``model`` config group: :class:`modules.translation.TranslationModel` arguments plus
-            ``mode`` ("autoregressive" or "nat") and ``decoding`` (settings of
-            :func:`modules.decoding.decode`: strategy greedy|beam|sample|nat, beam_size, ...).
+        model: the ``model`` config group: :class:`modules.translation.TranslationModel` arguments.
         data_info: from the data module: vocab_size (and ``tgt_vocab_size`` for separate vocabularies),
             special ids and the tokenizer (``tokenizer_json``, or ``tokenizer`` for a pretrained model's).
     With ``model.init_from`` (a pretrained model, :class:`modules.translation.TranslationModel`), the
@@ -50,17 +62,23 @@ class TranslationTask(BaseTask):
             decoder layer's cross-attention toward a monotonic (diagonal) alignment (0 = off).
         nat_length_weight: weight of the target-length loss in the non-autoregressive mode.
         num_samples: source / reference / hypothesis rows logged each validation.
-        test_decoding: decoding settings that differ on the test split, laid over ``model.decoding``
-            (e.g. ``{strategy: beam, beam_size: 5}``: validate greedily each epoch, report test BLEU
-            with beam search). None: the test split decodes as validation does.
+        mode: "autoregressive" or "nat" (non-autoregressive: the length predicted from the encoder,
+            mask-predict decoding).
+        decoding: the ``decoding`` config group: settings of :func:`modules.decoding.decode` (strategy
+            greedy|beam|sample|nat, beam_size, ...) for the test split, ``eval.py`` and ``predict.py``,
+            plus ``validation``: settings laid over them for validation during training (e.g.
+            ``{strategy: greedy}`` under a beam-5 test).
     """
 
     task_name = "translation"
 
     def __init__(
         self,
+        *,
         model: dict,
         data_info: dict,
+        mode: str = "autoregressive",
+        decoding: dict | None = None,
         label_smoothing: float = 0.1,
         scheduled_sampling_max_prob: float = 0.0,
         scheduled_sampling_ramp_steps: int = 10000,
@@ -68,24 +86,14 @@ class TranslationTask(BaseTask):
         guided_attention_sigma: float = 0.2,
         nat_length_weight: float = 0.1,
         num_samples: int = 8,
-        test_decoding: dict | None = None,
         **optim,
     ) -> None:
         super().__init__(**optim)
         self.save_hyperparameters()
-        model = dict(model)
-        self.mode = model.pop("mode", "autoregressive")
-        if self.mode not in ("autoregressive", "nat"):
-            raise ValueError(f"model.mode must be 'autoregressive' or 'nat', got {self.mode!r}")
-        self.decoding = dict(model.pop("decoding", None) or {"strategy": "greedy"})
-        if self.mode == "nat":
-            self.decoding["strategy"] = "nat"
-        self.test_decoding = dict(test_decoding or {})
-        if self.mode == "nat" and self.test_decoding.get("strategy", "nat") != "nat":
-            raise ValueError(f"model.mode=nat decodes with strategy 'nat'; task.test_decoding.strategy is "
-                             f"{self.test_decoding['strategy']!r}")
-        check_settings(self.decoding, "model.decoding")
-        check_settings({**self.decoding, **self.test_decoding}, "task.test_decoding")
+        if mode not in ("autoregressive", "nat"):
+            raise ValueError(f"task.mode must be 'autoregressive' or 'nat', got {mode!r}")
+        self.mode = mode
+        self.decoding, self.val_decoding = decoding_settings(decoding, mode)
         self.data_info = data_info
         self.pad_id, self.bos_id, self.eos_id = data_info["pad_id"], data_info["bos_id"], data_info["eos_id"]
         self.mask_id = data_info.get("mask_id", data_info.get("unk_id", 3))
@@ -99,8 +107,9 @@ class TranslationTask(BaseTask):
             self.hparams["data_info"] = {**data_info, **{k: self.model.settings[k] for k in sizes}}
         self.tokenizer = tokenizer_from_info(data_info)
         self.label_smoothing = label_smoothing
-        self.ss_max_prob, self.ss_ramp = scheduled_sampling_max_prob, scheduled_sampling_ramp_steps
-        self.ga_weight, self.ga_sigma = guided_attention_weight, guided_attention_sigma
+        self.scheduled_sampling_max_prob = scheduled_sampling_max_prob
+        self.scheduled_sampling_ramp_steps = scheduled_sampling_ramp_steps
+        self.guided_attention_weight, self.guided_attention_sigma = guided_attention_weight, guided_attention_sigma
         self.nat_length_weight, self.num_samples = nat_length_weight, num_samples
         self.val_bleu, self.test_bleu = SacreBLEUScore(tokenize="13a"), SacreBLEUScore(tokenize="13a")
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()  # token-weighted: perplexity per target token
@@ -108,9 +117,9 @@ class TranslationTask(BaseTask):
 
     # training -------------------------------------------------------------------------------------
     def scheduled_sampling_prob(self) -> float:
-        if self.ss_max_prob <= 0:
+        if self.scheduled_sampling_max_prob <= 0:
             return 0.0
-        return self.ss_max_prob * min(1.0, self.global_step / max(self.ss_ramp, 1))
+        return self.scheduled_sampling_max_prob * min(1.0, self.global_step / max(self.scheduled_sampling_ramp_steps, 1))
 
     def _mix_in_predictions(self, batch: dict, tgt_in: Tensor, prob: float) -> Tensor:
         """Two-pass scheduled sampling: a teacher-forced pass without gradient predicts every
@@ -144,7 +153,7 @@ class TranslationTask(BaseTask):
         src, src_mask, tgt, tgt_mask = batch["src"], batch["src_padding_mask"], batch["tgt"], batch["tgt_padding_mask"]
         tgt_in, labels = shift_right(tgt)
         in_mask, label_pad = tgt_mask[:, :-1], tgt_mask[:, 1:]
-        need_attn = self.ga_weight > 0
+        need_attn = self.guided_attention_weight > 0
         losses: dict[str, Tensor] = {}
         if self.mode == "nat":
             # evaluation masks with a fixed seed: the same positions every epoch, the global RNG untouched
@@ -174,22 +183,18 @@ class TranslationTask(BaseTask):
             loss, nll = self.model.sequence_loss(out, labels[keep], self.label_smoothing, self.pad_id)
             attn_mask = in_mask
             losses["scored_tokens"] = keep.sum()
-            if train and self.ss_max_prob > 0:
+            if train and self.scheduled_sampling_max_prob > 0:
                 losses["scheduled_sampling_prob"] = torch.tensor(prob)
         if need_attn:
-            losses["guided_attention"] = guided_attention_loss(attn, attn_mask, src_mask, self.ga_sigma)
-            loss = loss + self.ga_weight * losses["guided_attention"]
+            losses["guided_attention"] = guided_attention_loss(attn, attn_mask, src_mask, self.guided_attention_sigma)
+            loss = loss + self.guided_attention_weight * losses["guided_attention"]
         losses["loss"], losses["nll"] = loss, nll
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self._losses(batch, train=True)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at global step {self.global_step}. Lower the learning rate; "
-                "the last good checkpoint is in the run's checkpoints/ folder."
-            )
+        self.check_finite(loss)
         bs = batch["src"].shape[0]
         ntok = (~batch["tgt_padding_mask"][:, 1:]).sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -243,7 +248,7 @@ class TranslationTask(BaseTask):
 
     def hypotheses(self, batch: dict, split: str = "val") -> list[str]:
         """Detokenised translations of a batch, decoded as ``split`` ("val" or "test") is."""
-        overrides = self.test_decoding if split == "test" else {}
+        overrides = self.val_decoding if split == "val" else {}
         out = self.translate_ids(batch["src"], batch["src_padding_mask"], **overrides)
         return [self.tokenizer.decode(x) if self.tokenizer else " ".join(map(str, x)) for x in out]
 
@@ -275,11 +280,9 @@ class TranslationTask(BaseTask):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch(self.val_bleu, self.val_nll, "val")
-        if self._samples and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            for logger in self.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_text(key="val/samples", columns=["source", "reference", "hypothesis"],
-                                    data=self._samples, step=self.global_step)
+        if self._samples:
+            samples = self._samples
+            self.log_samples_table("val/samples", ["source", "reference", "hypothesis"], lambda: samples)
         self._samples = []
 
     def on_test_epoch_end(self) -> None:

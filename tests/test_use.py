@@ -27,7 +27,7 @@ TINY_MODEL = ["model.d_model=32", "model.nhead=4", "model.num_encoder_layers=1",
 TINY_TEXT = ["task=translation", "model.d_model=32", "model.nhead=4", "model.num_encoder_layers=1",
              "model.num_decoder_layers=1", "model.dim_feedforward=64", "model.max_length=64", "data.vocab_size=400",
              "data.max_train_examples=48", "data.max_eval_examples=16", "data.max_tokens=512",
-             "model.decoding.max_len_b=5", "model.decoding.max_len_a=0.5"]
+             "decoding.max_len_b=5", "decoding.max_len_a=0.5"]
 
 
 def run(script: str, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

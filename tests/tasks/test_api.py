@@ -107,3 +107,23 @@ def test_a_checkpoint_from_before_position_offset_keeps_the_cell_centre_position
     ckpt["hyper_parameters"]["model"].pop("position_offset", None)
     torch.save(ckpt, tmp_path / "old.ckpt")
     assert load(tmp_path / "old.ckpt", device="cpu").task.model.adapter.position_offset == 0.5
+
+
+def test_a_translation_checkpoint_from_before_the_decoding_group_keeps_its_decoding():
+    """Older checkpoints kept ``mode`` and ``decoding`` in the model settings and the test split's in
+    ``test_decoding``: they load with the same decoding (test: beam 3; validation: greedy to 6 tokens)."""
+    from tasks.api import build_task
+    from tasks.translation import TranslationTask
+
+    info = {"vocab_size": 40, "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "mask_id": 4}
+    model = {"d_model": 16, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 32}
+    task = TranslationTask(model=model, data_info=info)
+    old = {**dict(task.hparams), "model": {**model, "mode": "autoregressive",
+                                            "decoding": {"strategy": "greedy", "max_len_b": 6}},
+           "test_decoding": {"strategy": "beam", "beam_size": 3}}
+    old.pop("mode"), old.pop("decoding")
+    loaded = build_task({"state_dict": task.state_dict(), "hyper_parameters": old,
+                         "mtdetr": {"task": "translation", "data": None, "metrics": {}}})
+    assert loaded.mode == "autoregressive"
+    assert loaded.decoding == {"strategy": "beam", "max_len_b": 6, "beam_size": 3}
+    assert loaded.val_decoding == {"strategy": "greedy"}

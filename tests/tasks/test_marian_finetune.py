@@ -33,7 +33,7 @@ def recipe(make_cfg, corpus, *extra):
     source, train_prefix, val_prefix = corpus
     return make_cfg("experiment=marian_finetune", "trainer=cpu", f"model.init_from={source}",
                     f"data.train_prefix={train_prefix}", f"data.val_prefix={val_prefix}", "data.max_tokens=256",
-                    "model.decoding.max_len_b=4", "model.decoding.max_len_a=0.5", *extra, tiny=False)
+                    "decoding.max_len_b=4", "decoding.max_len_a=0.5", *extra, tiny=False)
 
 
 @pytest.mark.slow
@@ -41,7 +41,7 @@ def test_recipe_composes_and_runs_fast_dev_run(make_cfg, corpus):
     cfg = recipe(make_cfg, corpus, "trainer.fast_dev_run=true", "logger=none")
     assert cfg.data.tokenizer == cfg.model.init_from == str(corpus[0])  # the model's own vocabulary
     assert cfg.task.lr == 3e-5 and cfg.task.label_smoothing == 0.1 and cfg.task.warmup_steps == 500
-    assert cfg.task.test_decoding.beam_size == 5
+    assert cfg.task.decoding.beam_size == 5 and cfg.task.decoding.validation.strategy == "greedy"
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert {"val/BLEU", "test/BLEU"} <= set(metrics)

@@ -60,8 +60,8 @@ def test_fast_dev_run_query2label(make_cfg):
 
 
 def test_fast_dev_run_label_sequence(make_cfg):
-    metrics = train(make_cfg(*TINY, "model.decoder=sequence", "model.decoding.strategy=beam",
-                             "model.decoding.beam_size=2", "trainer.fast_dev_run=true", "logger=none", tiny=False))
+    metrics = train(make_cfg(*TINY, "model.decoder=sequence", "decoding.strategy=beam",
+                             "decoding.beam_size=2", "trainer.fast_dev_run=true", "logger=none", tiny=False))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert {"val/mAP", "val/CF1", "val/OF1", "test/mAP", "test/OF1"} <= set(metrics)
 

@@ -24,8 +24,8 @@ TINY = [
     "data.max_train_examples=48",
     "data.max_eval_examples=16",
     "data.max_tokens=512",
-    "model.decoding.max_len_b=5",
-    "model.decoding.max_len_a=0.5",
+    "decoding.max_len_b=5",
+    "decoding.max_len_a=0.5",
 ]
 
 
@@ -39,10 +39,10 @@ def test_translation_variants_run(make_cfg):
     """Each optional technique trains and evaluates: NAT + mask-predict, copy + guided attention +
     scheduled sampling, beam search, sampling."""
     for extra in (
-        ["model.mode=nat", "model.decoding.iterations=2"],
+        ["task.mode=nat", "decoding.iterations=2"],
         ["model.copy=true", "task.guided_attention_weight=0.5", "task.scheduled_sampling_max_prob=0.5",
-         "task.scheduled_sampling_ramp_steps=1", "model.decoding.strategy=beam", "model.decoding.beam_size=3"],
-        ["model.decoding.strategy=sample", "model.decoding.top_p=0.9", "model.decoding.top_k=5"],
+         "task.scheduled_sampling_ramp_steps=1", "decoding.strategy=beam", "decoding.beam_size=3"],
+        ["decoding.strategy=sample", "decoding.top_p=0.9", "decoding.top_k=5"],
     ):
         metrics = train(make_cfg(*TINY, *extra, "trainer.fast_dev_run=2", "logger=none", "test=false", tiny=False))
         assert torch.isfinite(torch.tensor(metrics["train/loss"])), extra
@@ -91,7 +91,7 @@ def test_nat_validation_scores_only_the_masked_positions():
     info = {"vocab_size": 50, "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "mask_id": 4}
     torch.manual_seed(0)
     task = TranslationTask(model={"d_model": 16, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
-                                  "dim_feedforward": 32, "dropout": 0.0, "mode": "nat"}, data_info=info).eval()
+                                  "dim_feedforward": 32, "dropout": 0.0}, data_info=info, mode="nat").eval()
     g = torch.Generator().manual_seed(1)
     tgt = torch.randint(5, 50, (6, 10), generator=g)
     tgt[:, 0], tgt_pad = 1, torch.arange(10)[None] >= torch.tensor([10, 9, 7, 10, 4, 8])[:, None]
@@ -135,7 +135,7 @@ def test_bleu_metric_matches_sacrebleu():
 def test_translation_resume_is_exact(make_cfg, tmp_path):
     """Token-bucket order, dropout RNG, AdamW and inverse-sqrt schedule survive a resume at an epoch end."""
     common = [*TINY, "model.dropout=0.1", "logger=none", "test=false", "trainer.limit_val_batches=1",
-              "trainer.precision=32-true", "model.decoding.max_len_b=2", "model.decoding.max_len_a=0"]
+              "trainer.precision=32-true", "decoding.max_len_b=2", "decoding.max_len_a=0"]
     out = tmp_path / "outputs" / "detection"  # make_cfg's folder name; the task here is translation
     train(make_cfg(*common, "trainer.max_epochs=2", run="straight", tiny=False))
     train(make_cfg(*common, "trainer.max_epochs=1", run="half", tiny=False))
@@ -148,39 +148,40 @@ def test_translation_resume_is_exact(make_cfg, tmp_path):
     assert diff <= 1e-6
 
 
-def test_test_decoding_applies_to_the_test_split_only():
-    """task.test_decoding lays its settings over model.decoding on the test split; validation decodes
-    with model.decoding. Bad settings fail when the task is built, not after training."""
+def test_validation_decoding_applies_to_validation_only():
+    """``decoding`` is how the test split (and eval.py / predict.py) decodes; ``decoding.validation`` lays
+    its settings over it for validation only. Bad settings fail when the task is built, not after training."""
     model = {"d_model": 16, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 32,
-             "dropout": 0.0, "decoding": {"strategy": "greedy", "max_len_a": 0.0, "max_len_b": 6}}
+             "dropout": 0.0}
     info = {"vocab_size": 50, "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "mask_id": 4}
+    decoding = {"strategy": "beam", "beam_size": 3, "max_len_a": 0.0, "max_len_b": 2,
+                "validation": {"strategy": "greedy", "max_len_b": 6}}
     torch.manual_seed(0)
-    task = TranslationTask(model=model, data_info=info,
-                           test_decoding={"strategy": "beam", "beam_size": 3, "max_len_b": 2})
+    task = TranslationTask(model=model, data_info=info, decoding=decoding)
     task.eval()
     src = torch.randint(5, 50, (4, 7))
     batch = {"src": src, "src_padding_mask": torch.zeros_like(src, dtype=torch.bool)}
     with torch.inference_mode():
         val, test = task.hypotheses(batch, "val"), task.hypotheses(batch, "test")
-        greedy = task.translate_ids(src, batch["src_padding_mask"])
-        beam = task.translate_ids(src, batch["src_padding_mask"], strategy="beam", beam_size=3, max_len_b=2)
+        greedy = task.translate_ids(src, batch["src_padding_mask"], strategy="greedy", max_len_b=6)
+        beam = task.translate_ids(src, batch["src_padding_mask"])
     assert val == [" ".join(map(str, x)) for x in greedy]
     assert test == [" ".join(map(str, x)) for x in beam]
     assert max(len(x) for x in greedy) > 2 >= max(len(x) for x in beam)  # the two settings really differ
-    for bad, match in (({"beam_szie": 5}, r"task.test_decoding: unknown key"),
-                       ({"strategy": "viterbi"}, "unknown decoding strategy")):
+    for bad, match in (({"validation": {"beam_szie": 5}}, r"decoding.validation: unknown key"),
+                       ({"strategy": "viterbi"}, "unknown decoding strategy"),
+                       ({"top_kk": 3}, r"decoding: unknown key")):
         with pytest.raises(ValueError, match=match):
-            TranslationTask(model=model, data_info=info, test_decoding=bad)
-    with pytest.raises(ValueError, match="model.decoding: unknown key"):
-        TranslationTask(model={**model, "decoding": {"top_kk": 3}}, data_info=info)
+            TranslationTask(model=model, data_info=info, decoding=bad)
 
 
 def test_bleu_recipe_composes_and_runs_on_cpu(make_cfg):
     """experiment=transformer_multi30k_gpu (the >= 35 BLEU recipe) with trainer=cpu, shrunk: its keys
-    are accepted and it trains, validates and tests (beam 5 on the test split via task.test_decoding)."""
+    are accepted and it trains, validates and tests (beam 5 on the test split, greedy validation)."""
     cfg = make_cfg("experiment=transformer_multi30k_gpu", "trainer=cpu", *TINY[1:], "trainer.fast_dev_run=true",
                    "logger=none", tiny=False)
-    assert cfg.task.scheduler == "cosine" and cfg.task.test_decoding.strategy == "beam"
+    assert cfg.task.scheduler == "cosine" and cfg.task.decoding.strategy == "beam"
+    assert cfg.task.decoding.validation.strategy == "greedy"
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_epochs == 24
     metrics = train(cfg)
     assert {"val/BLEU", "test/BLEU"} <= set(metrics)
