@@ -40,7 +40,7 @@ from hydra.utils import instantiate  # noqa: E402
 from torchmetrics.detection import MeanAveragePrecision  # noqa: E402
 
 from benchmarks.common import cpu_model, emit_json  # noqa: E402
-from tasks.runtime import register_resolvers, register_schema, to_plain  # noqa: E402
+from tasks.runtime import data_settings, register_resolvers, register_schema, to_plain  # noqa: E402
 
 # Each technique as the overrides that switch it on (`dn` and `groups` at the sizes of the ablation's
 # full recipe; the shipped default, configs/model/detr_small.yaml, keeps 2 groups and no denoising).
@@ -144,7 +144,10 @@ def evaluate(trainer, task, loader) -> dict[str, float]:
             (("map", "mAP"), ("map_50", "mAP_50"), ("map_75", "mAP_75"))}
 
 
-def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: list[int]) -> dict:
+def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: list[int],
+               save_checkpoint: str | None = None) -> dict:
+    """Train recipe ``name`` to the last mark, evaluating at each; ``save_checkpoint``: also write the
+    final model there as a checkpoint that ``eval.py`` / ``predict.py`` read (data settings included)."""
     register_resolvers()
     register_schema()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -154,6 +157,7 @@ def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: lis
     datamodule.prepare_data()
     datamodule.setup("fit")
     task = instantiate(cfg.task, model=to_plain(cfg.model), data_info=datamodule.data_info)
+    task.remember_data(to_plain(cfg.data), data_settings(datamodule))
     probe = Probe(datamodule, seconds, steps)
     trainer = instantiate(
         cfg.trainer, callbacks=[probe], logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -164,6 +168,8 @@ def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: lis
     trainer.fit(task, datamodule=datamodule)
     steps_done = trainer.global_step
     train_seconds = probe.train_seconds()
+    if save_checkpoint:
+        trainer.save_checkpoint(save_checkpoint)
     return {
         "recipe": name,
         "overrides": overrides,

@@ -47,7 +47,7 @@ def format_overrides(fmt: str, root: Path) -> list[str]:
     raise ValueError(f"unknown format {fmt!r}; use coco or voc")
 
 
-def run_one(fmt: str, root: Path, minutes: float, every: float, extra: list[str]) -> dict:
+def run_one(fmt: str, root: Path, minutes: float, every: float, extra: list[str], ckpt: str | None = None) -> dict:
     """Train in this process; return the run's record (see ``convergence.run_recipe``) plus memory."""
     from benchmarks.convergence import run_recipe  # imported here: the parent process stays light
 
@@ -55,14 +55,18 @@ def run_one(fmt: str, root: Path, minutes: float, every: float, extra: list[str]
     if not marks or marks[-1] < 60.0 * minutes - 1e-6:
         marks.append(60.0 * minutes)
     overrides = format_overrides(fmt, root) + extra
-    result = run_recipe(fmt, overrides, marks, [])
+    result = run_recipe(fmt, overrides, marks, [], save_checkpoint=ckpt)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {**result, "peak_rss_mib": round(max_rss_mib(), 1), "peak_worker_rss_mib": round(children, 1)}
 
 
-def run_in_subprocess(fmt: str, root: Path, minutes: float, every: float, extra: list[str]) -> dict:
+def run_in_subprocess(fmt: str, root: Path, minutes: float, every: float, extra: list[str],
+                      ckpt_dir: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", fmt, "--root", str(root), "--minutes", str(minutes),
-           "--every", str(every), "--", *extra]
+           "--every", str(every)]
+    if ckpt_dir is not None:
+        cmd += ["--save-checkpoints", str(ckpt_dir)]
+    cmd += ["--", *extra]
     print(f"format {fmt}: {' '.join(format_overrides(fmt, root) + extra)}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -121,6 +125,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15.0, help="training-time budget per format")
     parser.add_argument("--every", type=float, default=1.0, help="minutes of training between evaluations")
     parser.add_argument("--out", type=Path, help="also write the JSON document here")
+    parser.add_argument("--save-checkpoints", type=Path,
+                        help="write each format's final model to DIR/<format>.ckpt (for eval.py / predict.py)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
     args = parser.parse_args()
@@ -128,12 +134,13 @@ def main() -> None:
     if not (root / "train.json").is_file():
         parser.error(f"{root} is not the raccoon folder (no train.json); pass --root")
     if args.child:
-        print(json.dumps(run_one(args.child, root, args.minutes, args.every, args.overrides)))
+        ckpt = None if args.save_checkpoints is None else str(args.save_checkpoints / f"{args.child}.ckpt")
+        print(json.dumps(run_one(args.child, root, args.minutes, args.every, args.overrides, ckpt)))
         return
     start = time.perf_counter()
     results = []
     for fmt in args.formats:
-        results.append(run_in_subprocess(fmt, root, args.minutes, args.every, args.overrides))
+        results.append(run_in_subprocess(fmt, root, args.minutes, args.every, args.overrides, args.save_checkpoints))
         print(minute_table(results[-1:]) + "\n", file=sys.stderr, flush=True)
     print(minute_table(results) + "\n\n" + summary_table(results), file=sys.stderr)
     emit_json({"benchmark": "real_photos", "machine": cpu_model(), "cores": os.cpu_count(),
