@@ -33,7 +33,7 @@ class SetCriterion(nn.Module):
 
     ``loss_ce``: softmax head: cross entropy over all queries, unmatched queries labelled no-object
     (index C) and weighted by ``eos_coef``, the mean being the weighted mean; sigmoid head
-    (``focal=True``): sigmoid focal loss summed over queries and classes and divided by the number of
+    (``sigmoid_classes=True``): sigmoid focal loss summed over queries and classes and divided by the number of
     boxes (Deformable DETR). ``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU) are summed over matched
     pairs and divided by the number of target boxes.
 
@@ -50,18 +50,18 @@ class SetCriterion(nn.Module):
         num_classes: int,
         matcher: HungarianMatcher,
         eos_coef: float = 0.1,
-        focal: bool = False,
+        sigmoid_classes: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
         self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
-        self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
+        self.sigmoid_classes, self.focal_alpha, self.focal_gamma = sigmoid_classes, focal_alpha, focal_gamma
 
     def loss_labels(self, logits: Tensor, target_classes: Tensor, num_boxes: float) -> Tensor:
         """``logits`` [B, Q, C+1 or C]; ``target_classes`` [B, Q]: a class, C = no-object, -1 = ignored."""
         logits = at_least_float32(logits)  # half types in float32, float64 kept
-        if not self.focal:
+        if not self.sigmoid_classes:
             weight = logits.new_ones(self.num_classes + 1)  # in the logits' dtype: eos_coef exact in float64
             weight[-1] = self.eos_coef
             return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, ignore_index=-1)

@@ -5,7 +5,7 @@ Plain PyTorch, no Lightning. Every function works on any model with ``Translatio
 - ``model.encode(src, src_padding_mask) -> memory [B, S, D]``
 - ``model.init_cache() -> cache`` (a list of per-layer dicts of tensors, batch first; entries under
   a ``"cross"`` key depend on the source only)
-- ``model.decode(tgt, memory, memory_padding_mask, src, tgt_padding_mask=None, cache=None, offset=0,
+- ``model.target_log_probs(tgt, memory, memory_padding_mask, src, tgt_padding_mask=None, cache=None, offset=0,
   causal=True, need_attn=False) -> (log_probs [B, T, V], attn)``; optionally with ``output="logits"``
   returning scores with the same argmax and softmax as the log-probabilities, which greedy decoding
   and sampling use when no ``logits_processor`` is given
@@ -37,12 +37,12 @@ Conventions shared by the autoregressive strategies (greedy, beam, sample):
   first (dropout would make every step random).
 - Rows whose sentence has finished are dropped from the batch (``reorder_cache``), and the loop
   stops when every sentence has finished.
-- Beam search keeps one copy of each sentence's source state: ``model.decode`` gets ``memory``,
+- Beam search keeps one copy of each sentence's source state: ``model.target_log_probs`` gets ``memory``,
   its mask and ``src`` with ``B`` rows and ``tgt`` with ``B * K`` rows (a sentence's K beams
   consecutive), as ``Seq2SeqTransformer``'s cross-attention accepts; reordering beams moves only
   the cache entries that are not under ``"cross"``.
 
-Outputs of ``greedy_decode``, ``sample_decode``, ``nat_decode`` and ``decode``: ``[B, T]`` token ids
+Outputs of ``greedy_decode``, ``sample_decode``, ``nat_decode`` and ``generate``: ``[B, T]`` token ids
 without BOS, each row ``w1 .. wn EOS pad ..``, ``T`` the longest row.
 """
 
@@ -52,6 +52,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ Hypothesis = tuple[Tensor, float]
 __all__ = [
     "LogitsProcessor",
     "beam_search",
-    "decode",
+    "generate",
     "greedy_decode",
     "max_lengths",
     "nat_decode",
@@ -140,7 +141,7 @@ def max_lengths(
     return lengths
 
 
-class _Stepper:
+class _NextTokenScorer:
     """Next-token log-probabilities (or, with ``raw``, logits) for a batch of prefixes, with or
     without the KV cache."""
 
@@ -149,17 +150,17 @@ class _Stepper:
         self.model, self.memory, self.mask, self.src = model, memory, memory_padding_mask, src
         self.cache = model.init_cache() if use_cache else None
         # raw scores (argmax and softmax of the log-probs, without the log-softmax) where the model offers them
-        self.options = {"output": "logits"} if raw and "output" in inspect.signature(model.decode).parameters else {}
+        self.options = {"output": "logits"} if raw and "output" in inspect.signature(model.target_log_probs).parameters else {}
 
     def __call__(self, prefix: Tensor) -> Tensor:  # prefix [N, t+1] (BOS first) -> [N, V] float32
         if self.cache is not None:
             step = prefix.shape[1] - 1
-            log_probs, _ = self.model.decode(
+            log_probs, _ = self.model.target_log_probs(
                 prefix[:, -1:], self.memory, self.mask, self.src, cache=self.cache, offset=step, causal=True,
                 **self.options,
             )
         else:
-            log_probs, _ = self.model.decode(prefix, self.memory, self.mask, self.src, causal=True, **self.options)
+            log_probs, _ = self.model.target_log_probs(prefix, self.memory, self.mask, self.src, causal=True, **self.options)
         return at_least_float32(log_probs[:, -1])
 
     def select(self, rows: Tensor, sources: Tensor | None) -> None:
@@ -183,7 +184,7 @@ class _Stepper:
                         reorder_cache(part, sources)
 
 
-def _prepare(
+def _constrain_log_probs(
     log_probs: Tensor,
     prefix: Tensor,
     force_eos: Tensor,
@@ -267,14 +268,14 @@ def _autoregressive(
         return out[:, :0]
     memory = model.encode(src, src_padding_mask)
     # without a user processor only the argmax / softmax of the scores matter: raw logits serve
-    stepper = _Stepper(model, memory, src_padding_mask, src, use_cache, raw=logits_processor is None)
+    stepper = _NextTokenScorer(model, memory, src_padding_mask, src, use_cache, raw=logits_processor is None)
     active = torch.arange(batch, device=device)  # original row of each live row
     prefix = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
     used = 0
     for step in range(longest):
         log_probs = stepper(prefix)
         force = limits[active] <= step + 1
-        log_probs = _prepare(log_probs, prefix, force, eos_id, pad_id, logits_processor, step < min_len)
+        log_probs = _constrain_log_probs(log_probs, prefix, force, eos_id, pad_id, logits_processor, step < min_len)
         tokens = choose(log_probs)
         out[active, step] = tokens
         used = step + 1
@@ -363,23 +364,10 @@ def _length_normalised(total: float, length: int, length_penalty: float) -> floa
 # beam search --------------------------------------------------------------------------------------
 @_inference
 def beam_search(
-    model: Any,
-    src: Tensor,
-    src_padding_mask: Tensor | None,
-    *,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    beam_size: int = 5,
-    length_penalty: float = 1.0,
-    n_best: int = 1,
-    max_len_a: float = 1.2,
-    max_len_b: float = 10,
-    max_len_cap: int | None = None,
-    use_cache: bool = True,
-    early_stopping: bool = True,
-    logits_processor: LogitsProcessor | None = None,
-    min_len: int = 0,
+    model: Any, src: Tensor, src_padding_mask: Tensor | None, *, bos_id: int, eos_id: int, pad_id: int,
+    beam_size: int = 5, length_penalty: float = 1.0, n_best: int = 1, early_stopping: bool = True,
+    max_len_a: float = 1.2, max_len_b: float = 10, max_len_cap: int | None = None, min_len: int = 0,
+    use_cache: bool = True, logits_processor: LogitsProcessor | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search (``B * beam_size`` decoder rows).
 
@@ -388,113 +376,141 @@ def beam_search(
     the ``2K`` best (beam, token) extensions of each sentence (K = ``beam_size``); an extension ending
     in EOS is a finished hypothesis if it ranks among the first K, and the first K extensions not
     ending in EOS are the next beams. At ``max_len`` EOS is forced, which finishes every live beam.
-
-    A sentence stops when any of:
-      - ``early_stopping=True`` and it has K finished hypotheses (fairseq's rule; it makes
-        ``beam_size=1`` identical to greedy decoding);
-      - it has ``n_best`` finished hypotheses and no live beam can beat the ``n_best``-th of them:
-        future log-probs are <= 0, so a live beam with sum ``c`` can at best score ``c / L **
-        length_penalty`` with L its largest possible length (``max_len``) when ``length_penalty >
-        0``, its smallest otherwise (this assumes the processor keeps log-probs <= 0);
-      - ``max_len`` (every beam is finished) or no live beam has a finite score.
-    With ``early_stopping=False`` only the last two apply: the result is the exact n-best of what
-    the beam explores.
+    When a sentence stops: :meth:`_BeamRules.sentence_done` (``early_stopping=False`` gives the exact
+    n-best of what the beam explores).
 
     Returns, per sentence, up to ``n_best`` ``(tokens, score)`` pairs, best first; ``tokens`` is 1-D
     (no BOS, ending with EOS).
     """
     if beam_size < 1 or not 1 <= n_best <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size, got {beam_size}, {n_best}")
-    batch, device, k = src.shape[0], src.device, beam_size
-    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    batch, k = src.shape[0], beam_size
     if batch == 0:
-        return results
-    limits = max_lengths(model, src, src_padding_mask, max_len_a=max_len_a, max_len_b=max_len_b, max_len_cap=max_len_cap)
-    limits_list = limits.tolist()
-    memory = model.encode(src, src_padding_mask)
+        return []
+    limits = max_lengths(model, src, src_padding_mask, max_len_a=max_len_a, max_len_b=max_len_b,
+                         max_len_cap=max_len_cap)
+    rules = _BeamRules(k, n_best, eos_id, length_penalty, early_stopping, limits.tolist())
     # one copy of the encoder output (and cross-attention cache) per sentence: the decoder's
     # cross-attention reads it for the sentence's K beams at once (modules.transformer), and a
     # reordering of beams moves only the self-attention caches
-    stepper = _Stepper(model, memory, src_padding_mask, src, use_cache)
-
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # one live beam at the start: the others would only duplicate it
-    prefix = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
-    sentences = torch.arange(batch, device=device)  # original index of each live sentence
+    scorer = _NextTokenScorer(model, model.encode(src, src_padding_mask), src_padding_mask, src, use_cache)
+    beams = _Beams.start(batch, k, bos_id, src.device)
     finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
-    eos = torch.tensor([eos_id], dtype=torch.long, device=device)
-
     for step in range(int(limits.max())):
-        live = sentences.numel()
-        log_probs = stepper(prefix)
-        force = (limits[sentences] <= step + 1).repeat_interleave(k)
-        log_probs = _prepare(log_probs, prefix, force, eos_id, pad_id, logits_processor, step < min_len)
-        vocab = log_probs.shape[-1]
-        candidates = (scores[:, :, None] + log_probs.view(live, k, vocab)).view(live, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # sorted, best first
-        top_beam, top_token = top_index // vocab, top_index % vocab
-        is_eos = top_token == eos_id
-
-        # finished hypotheses: EOS extensions among the first K
-        live_sentences = sentences.tolist()
-        first = (is_eos[:, :k] & torch.isfinite(top_scores[:, :k])).nonzero().tolist()
-        if first:  # one transfer to the host for all of them
-            first_beam, first_score = top_beam[:, :k].tolist(), top_scores[:, :k].tolist()
-            for i, j in first:
-                tokens = torch.cat([prefix[i * k + first_beam[i][j], 1:], eos])
-                score = _length_normalised(first_score[i][j], tokens.numel(), length_penalty)
-                finished[live_sentences[i]].append((score, tokens))
-
-        # next beams: the first K extensions that do not end in EOS
-        width = top_scores.shape[1]
-        rank = is_eos.long() * width + torch.arange(width, device=device)
-        order = rank.argsort(dim=1)[:, :k]
-        next_beam = top_beam.gather(1, order)
-        next_token = top_token.gather(1, order)
-        next_score = top_scores.gather(1, order)
-
-        # which sentences are done
+        log_probs = scorer(beams.prefix)
+        force = (limits[beams.sentences] <= step + 1).repeat_interleave(k)
+        log_probs = _constrain_log_probs(log_probs, beams.prefix, force, eos_id, pad_id, logits_processor, step < min_len)
+        top = _top_extensions(beams.scores, log_probs, k)
+        rules.collect_finished(finished, beams, top)
+        next_beam, next_token, next_score = rules.next_beams(top)
         best_live = next_score[:, 0].tolist()
-        done = []
-        for i, sent in enumerate(live_sentences):
-            hyps = finished[sent]
-            limit = limits_list[sent]
-            stop = step + 1 >= limit or best_live[i] == float("-inf")
-            stop = stop or (early_stopping and len(hyps) >= k)
-            if not stop and len(hyps) >= n_best:
-                nth = sorted((s for s, _ in hyps), reverse=True)[n_best - 1]
-                length = limit if length_penalty > 0 else step + 2
-                stop = nth >= _length_normalised(best_live[i], length, length_penalty)
-            done.append(stop)
+        done = [rules.sentence_done(finished[sent], best_live[i], sent, step)
+                for i, sent in enumerate(beams.sentences.tolist())]
         if all(done):
             break
+        beams = beams.advance(scorer, next_beam, next_token, next_score, done)
+    return [rules.n_best_of(hyps) for hyps in finished]
+
+
+@dataclass
+class _Beams:
+    """The live beams: K rows per live sentence, sentence-major."""
+
+    prefix: Tensor  # [N * K, t + 1] tokens so far, BOS first
+    scores: Tensor  # [N, K] summed log-probs
+    sentences: Tensor  # [N] original index of each live sentence
+
+    @classmethod
+    def start(cls, batch: int, k: int, bos_id: int, device: torch.device) -> _Beams:
+        scores = torch.full((batch, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # one live beam at the start: the others would only duplicate it
+        prefix = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
+        return cls(prefix, scores, torch.arange(batch, device=device))
+
+    def advance(self, scorer: _NextTokenScorer, next_beam: Tensor, next_token: Tensor, next_score: Tensor,
+                done: list[bool]) -> _Beams:
+        """Extend beam ``next_beam`` by ``next_token`` (``[N, K]`` each) in the sentences not ``done``."""
+        live, k = next_beam.shape
+        device = next_beam.device
         keep = ~torch.tensor(done, dtype=torch.bool, device=device)
         select = (torch.arange(live, device=device)[:, None] * k + next_beam)[keep].view(-1)
-        prefix = torch.cat([prefix.index_select(0, select), next_token[keep].view(-1, 1)], 1)
-        scores = next_score[keep]
-        sentences = sentences[keep]
-        stepper.select(select, keep.nonzero().squeeze(1) if any(done) else None)
+        prefix = torch.cat([self.prefix.index_select(0, select), next_token[keep].view(-1, 1)], 1)
+        scorer.select(select, keep.nonzero().squeeze(1) if any(done) else None)
+        return _Beams(prefix, next_score[keep], self.sentences[keep])
 
-    for sent, hyps in enumerate(finished):
-        hyps.sort(key=lambda h: h[0], reverse=True)
-        results[sent] = [(tokens, score) for score, tokens in hyps[:n_best]]
-    return results
+
+def _top_extensions(scores: Tensor, log_probs: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``2K`` best (beam, token) extensions of each live sentence, best first: their summed
+    log-probs, beams and tokens, ``[N, 2K]`` each. ``scores`` ``[N, K]``, ``log_probs`` ``[N * K, V]``."""
+    live, vocab = scores.shape[0], log_probs.shape[-1]
+    candidates = (scores[:, :, None] + log_probs.view(live, k, vocab)).view(live, k * vocab)
+    top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # sorted, best first
+    return top_scores, top_index // vocab, top_index % vocab
+
+
+@dataclass
+class _BeamRules:
+    """Beam search's settings and its rules for finished hypotheses, next beams and stopping."""
+
+    k: int
+    n_best: int
+    eos_id: int
+    length_penalty: float
+    early_stopping: bool
+    limits: list[int]  # max_len of each sentence (original index)
+
+    def collect_finished(self, finished: list[list[tuple[float, Tensor]]], beams: _Beams,
+                         top: tuple[Tensor, Tensor, Tensor]) -> None:
+        """EOS extensions among the first K become finished hypotheses (length-normalised score)."""
+        top_scores, top_beam, top_token = (t[:, : self.k] for t in top)
+        first = ((top_token == self.eos_id) & torch.isfinite(top_scores)).nonzero().tolist()
+        if not first:
+            return
+        sentences, first_beam, first_score = beams.sentences.tolist(), top_beam.tolist(), top_scores.tolist()
+        eos = beams.prefix.new_tensor([self.eos_id])
+        for i, j in first:  # one transfer to the host for all of them
+            tokens = torch.cat([beams.prefix[i * self.k + first_beam[i][j], 1:], eos])
+            score = _length_normalised(first_score[i][j], tokens.numel(), self.length_penalty)
+            finished[sentences[i]].append((score, tokens))
+
+    def next_beams(self, top: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The first K extensions that do not end in EOS: beams, tokens, scores ``[N, K]``."""
+        top_scores, top_beam, top_token = top
+        width = top_scores.shape[1]
+        rank = (top_token == self.eos_id).long() * width + torch.arange(width, device=top_scores.device)
+        order = rank.argsort(dim=1)[:, : self.k]
+        return top_beam.gather(1, order), top_token.gather(1, order), top_scores.gather(1, order)
+
+    def sentence_done(self, hyps: list[tuple[float, Tensor]], best_live: float, sentence: int, step: int) -> bool:
+        """Whether a sentence stops after ``step``: when any of
+
+        - it reached ``max_len`` (every beam is finished) or no live beam has a finite score;
+        - ``early_stopping`` and it has K finished hypotheses (fairseq's rule; it makes
+          ``beam_size=1`` identical to greedy decoding);
+        - it has ``n_best`` finished hypotheses and no live beam can beat the ``n_best``-th of them:
+          future log-probs are <= 0, so a live beam with sum ``c`` can at best score ``c / L **
+          length_penalty`` with L its largest possible length (``max_len``) when ``length_penalty >
+          0``, its smallest otherwise (this assumes the processor keeps log-probs <= 0).
+        """
+        limit = self.limits[sentence]
+        if step + 1 >= limit or best_live == float("-inf") or (self.early_stopping and len(hyps) >= self.k):
+            return True
+        if len(hyps) < self.n_best:
+            return False
+        nth = sorted((s for s, _ in hyps), reverse=True)[self.n_best - 1]
+        length = limit if self.length_penalty > 0 else step + 2
+        return nth >= _length_normalised(best_live, length, self.length_penalty)
+
+    def n_best_of(self, hyps: list[tuple[float, Tensor]]) -> list[Hypothesis]:
+        best = sorted(hyps, key=lambda h: h[0], reverse=True)[: self.n_best]
+        return [(tokens, score) for score, tokens in best]
 
 
 # non-autoregressive -------------------------------------------------------------------------------
 @_inference
 def nat_decode(
-    model: Any,
-    src: Tensor,
-    src_padding_mask: Tensor | None,
-    *,
-    mask_id: int,
-    eos_id: int,
-    pad_id: int,
-    iterations: int = 1,
-    length_beam: int = 1,
-    append_eos: bool = True,
-    return_scores: bool = False,
+    model: Any, src: Tensor, src_padding_mask: Tensor | None, *, mask_id: int, eos_id: int, pad_id: int,
+    iterations: int = 1, length_beam: int = 1, append_eos: bool = True, return_scores: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Non-autoregressive decoding with mask-predict refinement (Ghazvininejad et al., 2019).
 
@@ -517,62 +533,95 @@ def nat_decode(
     """
     if iterations < 1 or length_beam < 1:
         raise ValueError(f"need iterations >= 1 and length_beam >= 1, got {iterations}, {length_beam}")
-    batch, device = src.shape[0], src.device
+    batch = src.shape[0]
     memory = model.encode(src, src_padding_mask)
-    length_logits = model.predict_length_logits(memory, src_padding_mask)[:, 1:]  # lengths 1..M
+    lengths = _length_candidates(model, memory, src_padding_mask, length_beam)  # [B * beam]
+    beam = lengths.numel() // batch if batch else 1
+    predict = _MaskPredictor(model, memory, src_padding_mask, src, lengths, beam, mask_id, eos_id, pad_id)
+    tokens, confidence = predict(predict.all_masked())
+    for i in range(1, iterations):
+        remask = predict.least_confident(confidence, iterations - i, iterations)
+        if remask is None:
+            break
+        new_tokens, new_confidence = predict(tokens.masked_fill(remask, mask_id))
+        tokens = torch.where(remask, new_tokens, tokens)
+        confidence = torch.where(remask, new_confidence, confidence)
+    tokens = tokens.masked_fill(predict.padding, pad_id)
+    score = confidence.masked_fill(predict.padding, 0.0).sum(1) / lengths.float()  # mean log-prob [N]
+    pick = torch.arange(batch, device=src.device) * beam + score.view(batch, beam).argmax(1)
+    tokens, lengths, score = tokens[pick], lengths[pick], score[pick]
+    if batch == 0:
+        out = tokens[:, :0]
+    elif append_eos:
+        out = _end_with_eos(tokens, lengths, eos_id, pad_id)
+    else:
+        out = tokens[:, : int(lengths.max())]
+    return (out, score) if return_scores else out
+
+
+def _length_candidates(model: Any, memory: Tensor, memory_padding_mask: Tensor | None, length_beam: int) -> Tensor:
+    """The ``length_beam`` most likely target lengths (1 .. the position table) of each sentence,
+    ``[B * beam]``, a sentence's candidates consecutive."""
+    length_logits = model.predict_length_logits(memory, memory_padding_mask)[:, 1:]  # lengths 1..M
     limit = _position_limit(model)
     if limit is not None:
         length_logits = length_logits[:, :limit]
     beam = min(length_beam, length_logits.shape[1])
-    lengths = (length_logits.topk(beam, dim=1).indices + 1).view(-1)  # [B * beam]
+    return (length_logits.topk(beam, dim=1).indices + 1).view(-1)
 
-    rows = torch.arange(batch, device=device).repeat_interleave(beam)
-    memory, src_rows = memory.index_select(0, rows), src.index_select(0, rows)
-    mask = None if src_padding_mask is None else src_padding_mask.index_select(0, rows)
-    width = int(lengths.max()) if lengths.numel() else 1
-    padding = torch.arange(width, device=device)[None, :] >= lengths[:, None]  # [N, W]
 
-    def predict(tokens: Tensor) -> tuple[Tensor, Tensor]:
-        log_probs, _ = model.decode(tokens, memory, mask, src_rows, tgt_padding_mask=padding, causal=False)
+class _MaskPredictor:
+    """One parallel decoder pass over ``N`` candidate rows (a sentence's length candidates share its
+    source): every position's most likely token and its log-prob, pad and the mask token banned."""
+
+    def __init__(self, model: Any, memory: Tensor, memory_padding_mask: Tensor | None, src: Tensor,
+                 lengths: Tensor, beam: int, mask_id: int, eos_id: int, pad_id: int) -> None:
+        rows = torch.arange(src.shape[0], device=src.device).repeat_interleave(beam)
+        self.model, self.memory, self.src = model, memory.index_select(0, rows), src.index_select(0, rows)
+        self.mask = None if memory_padding_mask is None else memory_padding_mask.index_select(0, rows)
+        self.lengths, self.mask_id, self.pad_id = lengths, mask_id, pad_id
+        self.banned = sorted({pad_id, mask_id} - {eos_id})
+        width = int(lengths.max()) if lengths.numel() else 1
+        self.positions = torch.arange(width, device=src.device)[None, :]
+        self.padding = self.positions >= lengths[:, None]  # [N, W]
+
+    def all_masked(self) -> Tensor:
+        """``[N, W]``: the mask token at every position of each candidate's length, pad after."""
+        return torch.full(self.padding.shape, self.mask_id, dtype=torch.long, device=self.padding.device)
+
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder input ``[N, W]`` -> predicted tokens and their log-probs ``[N, W]``."""
+        tokens = tokens.masked_fill(self.padding, self.pad_id)
+        log_probs, _ = self.model.target_log_probs(tokens, self.memory, self.mask, self.src, tgt_padding_mask=self.padding,
+                                         causal=False)
         log_probs = at_least_float32(log_probs).clone()
-        for banned in {pad_id, mask_id} - {eos_id}:
+        for banned in self.banned:
             if 0 <= banned < log_probs.shape[-1]:
                 log_probs[..., banned] = float("-inf")
         best, token = log_probs.max(-1)
         return token, best
 
-    tokens = torch.full(padding.shape, mask_id, dtype=torch.long, device=device).masked_fill(padding, pad_id)
-    tokens, confidence = predict(tokens)
-    for i in range(1, iterations):
-        n = torch.div(lengths * (iterations - i), iterations, rounding_mode="floor")  # [N]
+    def least_confident(self, confidence: Tensor, remaining: int, iterations: int) -> Tensor | None:
+        """Bool ``[N, W]``: each row's ``floor(L * remaining / iterations)`` least confident tokens
+        (None when that is 0 for every row)."""
+        n = torch.div(self.lengths * remaining, iterations, rounding_mode="floor")  # [N]
         if not bool((n > 0).any()):
-            break
-        ranked = confidence.masked_fill(padding, float("inf")).argsort(dim=1)  # least confident first
-        remask = torch.zeros_like(padding).scatter(
-            1, ranked, torch.arange(width, device=device)[None, :] < n[:, None]
-        )
-        new_tokens, new_conf = predict(tokens.masked_fill(remask, mask_id).masked_fill(padding, pad_id))
-        tokens = torch.where(remask, new_tokens, tokens)
-        confidence = torch.where(remask, new_conf, confidence)
+            return None
+        ranked = confidence.masked_fill(self.padding, float("inf")).argsort(dim=1)  # least confident first
+        return torch.zeros_like(self.padding).scatter(1, ranked, self.positions < n[:, None])
 
-    tokens = tokens.masked_fill(padding, pad_id)
-    score = confidence.masked_fill(padding, 0.0).sum(1) / lengths.float()  # mean log-prob [N]
-    best = score.view(batch, beam).argmax(1)
-    pick = torch.arange(batch, device=device) * beam + best
-    tokens, lengths, score = tokens[pick], lengths[pick], score[pick]
-    if batch == 0:
-        out = tokens[:, :0]
-    elif not append_eos:
-        out = tokens[:, : int(lengths.max())]
-    else:
-        out = torch.full((batch, int(lengths.max()) + 1), pad_id, dtype=torch.long, device=device)
-        out[:, : out.shape[1] - 1] = tokens[:, : out.shape[1] - 1]
-        position = torch.arange(out.shape[1], device=device)[None, :]
-        is_eos = (out == eos_id) & (position < lengths[:, None])
-        end = torch.where(is_eos.any(1), is_eos.long().argmax(1), lengths)  # first EOS, else after L
-        out[torch.arange(batch, device=device), end] = eos_id
-        out = out.masked_fill(position > end[:, None], pad_id)[:, : int(end.max()) + 1]
-    return (out, score) if return_scores else out
+
+def _end_with_eos(tokens: Tensor, lengths: Tensor, eos_id: int, pad_id: int) -> Tensor:
+    """Rows ``w1 .. wn EOS pad ..``: each row's tokens up to its first EOS within its length ``L``,
+    EOS appended after ``L`` tokens when it has none. ``tokens`` ``[B, W]``, ``lengths`` ``[B]``."""
+    batch, device = tokens.shape[0], tokens.device
+    out = torch.full((batch, int(lengths.max()) + 1), pad_id, dtype=torch.long, device=device)
+    out[:, : out.shape[1] - 1] = tokens[:, : out.shape[1] - 1]
+    position = torch.arange(out.shape[1], device=device)[None, :]
+    is_eos = (out == eos_id) & (position < lengths[:, None])
+    end = torch.where(is_eos.any(1), is_eos.long().argmax(1), lengths)  # first EOS, else after L
+    out[torch.arange(batch, device=device), end] = eos_id
+    return out.masked_fill(position > end[:, None], pad_id)[:, : int(end.max()) + 1]
 
 
 # dispatcher ---------------------------------------------------------------------------------------
@@ -591,7 +640,7 @@ def _settings_of(fn: Callable[..., Any]) -> set[str]:
 
 def check_settings(settings: Mapping[str, Any], where: str = "decoding settings") -> None:
     """Raise ``ValueError`` for an unknown ``strategy`` or a key no strategy takes (a typo), so a
-    config can be checked before training rather than when the first decode runs."""
+    config can be checked before training rather than when the first generation runs."""
     strategy = settings.get("strategy", "greedy")
     if strategy not in STRATEGIES:
         raise ValueError(f"{where}: unknown decoding strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
@@ -601,7 +650,7 @@ def check_settings(settings: Mapping[str, Any], where: str = "decoding settings"
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
 
 
-def decode(
+def generate(
     model: Any,
     strategy: str | Tensor,
     src: Tensor | None = None,
@@ -619,9 +668,9 @@ def decode(
 
     Two call forms:
 
-    - ``decode(model, "beam", src, src_padding_mask, bos_id=.., eos_id=.., pad_id=..,
+    - ``generate(model, "beam", src, src_padding_mask, bos_id=.., eos_id=.., pad_id=..,
       settings={"beam_size": 4})``
-    - ``decode(model, src, src_padding_mask, bos_id=.., eos_id=.., pad_id=.., mask_id=..,
+    - ``generate(model, src, src_padding_mask, bos_id=.., eos_id=.., pad_id=.., mask_id=..,
       **config)`` with ``config = {"strategy": "beam", "beam_size": 4, ...}`` (as ``TranslationTask``
       calls it; ``strategy`` defaults to greedy).
 
@@ -632,13 +681,13 @@ def decode(
     sentence's best hypothesis; ``nat`` needs ``mask_id``.
     """
     merged = {**dict(settings or {}), **options}
-    if isinstance(strategy, Tensor):  # second form: decode(model, src, src_padding_mask, ...)
+    if isinstance(strategy, Tensor):  # second form: generate(model, src, src_padding_mask, ...)
         strategy, src, src_padding_mask = merged.pop("strategy", "greedy"), strategy, src
     elif merged.get("strategy", strategy) != strategy:
         raise ValueError(f"settings name strategy {merged['strategy']!r} but {strategy!r} was asked for")
     merged.pop("strategy", None)
     if src is None:
-        raise TypeError("decode() needs the source tokens")
+        raise TypeError("generate() needs the source tokens")
     check_settings({"strategy": strategy, **merged})
     fn = STRATEGIES[strategy]
     kwargs = {key: value for key, value in merged.items() if key in _settings_of(fn)}

@@ -104,38 +104,68 @@ def make_denoising_queries(
     Each box side moves by up to ``box_noise`` x half the box size (positives) or by between 1x and 2x
     that (negatives), in a random direction.
     """
-    sizes = [len(t["labels"]) for t in targets]
-    n_max = max(sizes, default=0)
+    n_max = max((len(t["labels"]) for t in targets), default=0)
     if n_max == 0 or groups <= 0:
         return None
-    b, copies = len(targets), 2 if contrastive else 1
-    device = targets[0]["boxes"].device
-    labels = torch.full((b, n_max), num_classes, dtype=torch.int64, device=device)
-    boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(b, n_max, 1)
-    for i, t in enumerate(targets):
-        labels[i, : sizes[i]] = t["labels"]
-        boxes[i, : sizes[i]] = t["boxes"].float()
-    shape = (b, groups, copies, n_max)
+    copies = 2 if contrastive else 1
+    labels, boxes = _padded_targets(targets, num_classes, n_max)
+    shape = (len(targets), groups, copies, n_max)
     labels = labels[:, None, None, :].expand(shape).clone()
     boxes = boxes[:, None, None, :, :].expand(*shape, 4)
 
     def rand(*size: int) -> Tensor:
-        return torch.rand(size, generator=generator, device=device)
+        return torch.rand(size, generator=generator, device=boxes.device)
 
     flip = rand(*shape) < label_noise * 0.5
     random_labels = (rand(*shape) * num_classes).long().clamp(max=num_classes - 1)
-    pad = labels == num_classes
-    labels = torch.where(flip & ~pad, random_labels, labels)
-    xyxy = box_convert(boxes, "cxcywh", "xyxy")
-    half = boxes[..., 2:].repeat(1, 1, 1, 1, 2) / 2
+    labels = torch.where(flip & (labels != num_classes), random_labels, labels)  # padding stays padding
     magnitude = rand(*shape, 4)
-    if contrastive:
+    if contrastive:  # negatives: between 1x and 2x the noise
         magnitude[:, :, 1] += 1.0
     sign = rand(*shape, 4).round() * 2 - 1
-    xyxy = (xyxy + sign * magnitude * half * box_noise).clamp(0.0, 1.0)
+    half = boxes[..., 2:].repeat(1, 1, 1, 1, 2) / 2
+    xyxy = (box_convert(boxes, "cxcywh", "xyxy") + sign * magnitude * half * box_noise).clamp(0.0, 1.0)
     noised = box_convert(xyxy, "xyxy", "cxcywh")
     noised[..., 2:] = noised[..., 2:].clamp(min=1e-3)
     return Denoising(labels.flatten(1), noised.flatten(1, 3), groups, copies, n_max)
+
+
+def _padded_targets(targets: list[dict[str, Tensor]], num_classes: int, n_max: int) -> tuple[Tensor, Tensor]:
+    """Labels ``[B, n_max]`` (``num_classes`` at padding) and boxes ``[B, n_max, 4]`` (a small
+    central box at padding) of a batch's targets."""
+    b, device = len(targets), targets[0]["boxes"].device
+    labels = torch.full((b, n_max), num_classes, dtype=torch.int64, device=device)
+    boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(b, n_max, 1)
+    for i, t in enumerate(targets):
+        n = len(t["labels"])
+        labels[i, :n] = t["labels"]
+        boxes[i, :n] = t["boxes"].float()
+    return labels, boxes
+
+
+@dataclass
+class Queries:
+    """The decoder's queries ``[B, T, D]`` (denoising queries first, then the matching ones)."""
+
+    content: Tensor  # [B, T, D] the decoder input
+    pos: Tensor  # [B, T, D] the query positions
+    anchors: Tensor | None = None  # [B, T, 4] anchor box logits (inverse-sigmoid cxcywh)
+    dn: Denoising | None = None
+    proposals: dict[str, Tensor] | None = None  # two-stage: the encoder's token proposals
+
+    @property
+    def num_dn(self) -> int:
+        return 0 if self.dn is None else self.dn.num_queries
+
+
+def _check_switches(*, anchors: bool, box_refine: bool, dn_groups: int, num_groups: int) -> None:
+    """The switches that need anchor boxes, and a positive group count."""
+    if box_refine and not anchors:
+        raise ValueError("box_refine refines anchor boxes: set anchor_queries=true (or two_stage=true)")
+    if dn_groups and not anchors:
+        raise ValueError("denoising queries are noised anchor boxes: set anchor_queries=true (or two_stage=true)")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
 
 
 def query_attention_mask(
@@ -206,12 +236,7 @@ class DETR(nn.Module):
         if adapter.d_model != transformer.d_model:
             raise ValueError(f"adapter width {adapter.d_model} != transformer width {transformer.d_model}")
         anchors = anchor_queries or two_stage
-        if box_refine and not anchors:
-            raise ValueError("box_refine refines anchor boxes: set anchor_queries=true (or two_stage=true)")
-        if dn_groups and not anchors:
-            raise ValueError("denoising queries are noised anchor boxes: set anchor_queries=true (or two_stage=true)")
-        if num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        _check_switches(anchors=anchors, box_refine=box_refine, dn_groups=dn_groups, num_groups=num_groups)
         d = transformer.d_model
         self.adapter, self.transformer = adapter, transformer
         self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
@@ -220,25 +245,29 @@ class DETR(nn.Module):
         self.dn_groups, self.dn_label_noise, self.dn_box_noise = dn_groups, dn_label_noise, dn_box_noise
         self.dn_contrastive = dn_contrastive
         self.head = DETRHead(d_model=d, num_classes=num_classes, sigmoid_classes=sigmoid_classes)
-        total = num_queries * num_groups
-        if not anchors:
-            self.query_embed = nn.Embedding(total, d)
-        else:
-            self.query_content = nn.Embedding(total, d)
-            self.pos_head = MLP(in_dim=2 * d, hidden_dim=d, out_dim=d, num_layers=2)
-            nn.init.zeros_(self.head.bbox_embed[-1].weight)  # start exactly at the anchors
-            nn.init.zeros_(self.head.bbox_embed[-1].bias)
-            if not two_stage:
-                self.anchor_embed = nn.Embedding(total, 4)
-                with torch.no_grad():  # centres spread over the image, boxes a tenth of it
-                    init = torch.rand(total, 4)
-                    init[:, 2:] = 0.1
-                    self.anchor_embed.weight.copy_(inverse_sigmoid(init))
+        self._build_queries(d, num_queries * num_groups)
         if two_stage:
             self.enc_proj = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
             self.enc_head = DETRHead(d_model=d, num_classes=num_classes, sigmoid_classes=sigmoid_classes)
         if dn_groups:
             self.label_embed = nn.Embedding(num_classes + 1, d)  # the last row: padding
+
+    def _build_queries(self, d: int, total: int) -> None:
+        """The learned queries: a position each (plain DETR), or a content vector and, unless the
+        encoder proposes them (two-stage), an anchor box each."""
+        if not self.anchors:
+            self.query_embed = nn.Embedding(total, d)
+            return
+        self.query_content = nn.Embedding(total, d)
+        self.pos_head = MLP(in_dim=2 * d, hidden_dim=d, out_dim=d, num_layers=2)
+        nn.init.zeros_(self.head.bbox_embed[-1].weight)  # start exactly at the anchors
+        nn.init.zeros_(self.head.bbox_embed[-1].bias)
+        if not self.two_stage:
+            self.anchor_embed = nn.Embedding(total, 4)
+            with torch.no_grad():  # centres spread over the image, boxes a tenth of it
+                init = torch.rand(total, 4)
+                init[:, 2:] = 0.1
+                self.anchor_embed.weight.copy_(inverse_sigmoid(init))
 
     def class_probs(self, logits: Tensor) -> Tensor:
         return self.head.class_probs(logits)
@@ -252,9 +281,9 @@ class DETR(nn.Module):
         not_pad = (~mask.view(b, *hw)).float()  # float counts: ONNX CumSum takes no bool
         ys = (not_pad.cumsum(1) - 0.5) / not_pad.sum(1, keepdim=True).clamp(min=1)
         xs = (not_pad.cumsum(2) - 0.5) / not_pad.sum(2, keepdim=True).clamp(min=1)
-        hs_ = 2.0 / not_pad.sum(1, keepdim=True).clamp(min=1).expand_as(ys)  # two cells high / wide
-        ws_ = 2.0 / not_pad.sum(2, keepdim=True).clamp(min=1).expand_as(xs)
-        cells = torch.stack((xs, ys, ws_, hs_), dim=-1).flatten(1, 2).clamp(0.0, 1.0)
+        box_h = 2.0 / not_pad.sum(1, keepdim=True).clamp(min=1).expand_as(ys)  # two cells high / wide
+        box_w = 2.0 / not_pad.sum(2, keepdim=True).clamp(min=1).expand_as(xs)
+        cells = torch.stack((xs, ys, box_w, box_h), dim=-1).flatten(1, 2).clamp(0.0, 1.0)
         logits, boxes = self.enc_head(self.enc_proj(memory), inverse_sigmoid(cells))
         return {"pred_logits": logits, "pred_boxes": boxes}
 
@@ -276,49 +305,71 @@ class DETR(nn.Module):
         # padding masks only cost time when some image is actually padded
         mask_arg = mask if bool(mask.any()) else None
         memory = self.transformer.encode(tokens, pos, mask_arg)
-        b = images.shape[0]
         groups = self.num_groups if self.training else 1
-        nq = self.num_queries * groups
+        queries = self._queries(memory, mask, hw, groups, targets)
+        hs, layer_anchors = self._decode(queries, memory, pos, mask_arg, groups)
+        logits, boxes = self.head(hs, layer_anchors)
+        num_dn = queries.num_dn
         out: dict = {"num_groups": groups}
-        anchors = dn = None
+        if queries.proposals is not None:
+            out["enc_outputs"] = queries.proposals
+        out.update(self._outputs(logits[:, :, num_dn:], boxes[:, :, num_dn:]))
+        if queries.dn is not None:
+            out["dn_outputs"] = {**self._outputs(logits[:, :, :num_dn], boxes[:, :, :num_dn]), "dn": queries.dn}
+        return out
+
+    def _queries(self, memory: Tensor, mask: Tensor, hw: tuple[int, int], groups: int,
+                 targets: list[dict[str, Tensor]] | None) -> Queries:
+        """The decoder's input: ``groups`` groups of learned queries, after the denoising queries
+        while training with them."""
+        b, nq = memory.shape[0], self.num_queries * groups
         if not self.anchors:
             query_pos = self.query_embed.weight[:nq].unsqueeze(0).expand(b, -1, -1)
-            content = torch.zeros_like(query_pos)
+            return Queries(torch.zeros_like(query_pos), query_pos)
+        content = self.query_content.weight[:nq].unsqueeze(0).expand(b, -1, -1)
+        proposals = dn = None
+        if self.two_stage:
+            proposals = self._token_proposals(memory, mask, hw)
+            anchors = self._proposal_anchors(proposals, mask).repeat(1, groups, 1)
         else:
-            content = self.query_content.weight[:nq].unsqueeze(0).expand(b, -1, -1)
-            if self.two_stage:
-                enc = out["enc_outputs"] = self._token_proposals(memory, mask, hw)
-                score = self.class_probs(enc["pred_logits"]).max(-1).values.masked_fill(mask, -1.0)
-                top = score.topk(min(self.num_queries, score.shape[1]), dim=1).indices
-                chosen = enc["pred_boxes"].detach().gather(1, top[..., None].expand(-1, -1, 4))
-                if chosen.shape[1] < self.num_queries:  # fewer tokens than queries: repeat
-                    chosen = chosen.repeat(1, -(-self.num_queries // chosen.shape[1]), 1)[:, : self.num_queries]
-                anchors = inverse_sigmoid(chosen).repeat(1, groups, 1)
-            else:
-                anchors = self.anchor_embed.weight[:nq].unsqueeze(0).expand(b, -1, -1)
-            if self.training and self.dn_groups and targets is not None:
-                dn = make_denoising_queries(
-                    targets, num_classes=self.num_classes, groups=self.dn_groups, label_noise=self.dn_label_noise,
-                    box_noise=self.dn_box_noise, contrastive=self.dn_contrastive,
-                )
-            if dn is not None:
-                content = torch.cat((self.label_embed(dn.labels).to(content.dtype), content), dim=1)
-                anchors = torch.cat((inverse_sigmoid(dn.boxes), anchors.float()), dim=1)
-            query_pos = self._query_pos(anchors)
-        num_dn = dn.num_queries if dn is not None else 0
-        self_mask = query_attention_mask(
-            num_dn=num_dn, dn_groups=dn.groups if dn is not None else 0, num_groups=groups,
-            num_queries=self.num_queries, device=images.device,
-        )
-        layer_anchors = None if anchors is None else [anchors]
+            anchors = self.anchor_embed.weight[:nq].unsqueeze(0).expand(b, -1, -1)
+        if self.training and self.dn_groups and targets is not None:
+            dn = make_denoising_queries(
+                targets, num_classes=self.num_classes, groups=self.dn_groups, label_noise=self.dn_label_noise,
+                box_noise=self.dn_box_noise, contrastive=self.dn_contrastive,
+            )
+        if dn is not None:
+            content = torch.cat((self.label_embed(dn.labels).to(content.dtype), content), dim=1)
+            anchors = torch.cat((inverse_sigmoid(dn.boxes), anchors.float()), dim=1)
+        return Queries(content, self._query_pos(anchors), anchors, dn, proposals)
+
+    def _proposal_anchors(self, proposals: dict[str, Tensor], mask: Tensor) -> Tensor:
+        """Two-stage: the boxes of the ``num_queries`` most confident token proposals (repeated when
+        there are fewer tokens), as anchor box logits ``[B, num_queries, 4]``."""
+        score = self.class_probs(proposals["pred_logits"]).max(-1).values.masked_fill(mask, -1.0)
+        top = score.topk(min(self.num_queries, score.shape[1]), dim=1).indices
+        chosen = proposals["pred_boxes"].detach().gather(1, top[..., None].expand(-1, -1, 4))
+        if chosen.shape[1] < self.num_queries:
+            chosen = chosen.repeat(1, -(-self.num_queries // chosen.shape[1]), 1)[:, : self.num_queries]
+        return inverse_sigmoid(chosen)
+
+    def _decode(self, queries: Queries, memory: Tensor, memory_pos: Tensor, memory_mask: Tensor | None,
+                groups: int) -> tuple[Tensor, Tensor | None]:
+        """Decoder states ``[L, B, T, D]`` and the anchor box logits each layer's boxes are offsets
+        from (``[L, B, T, 4]`` with ``box_refine``, else ``[1, B, T, 4]``; None without anchors); only
+        the last layer's when neither training nor computing the auxiliary outputs."""
+        dn_groups = queries.dn.groups if queries.dn is not None else 0
+        self_mask = query_attention_mask(num_dn=queries.num_dn, dn_groups=dn_groups, num_groups=groups,
+                                         num_queries=self.num_queries, device=memory.device)
+        layer_anchors = None if queries.anchors is None else [queries.anchors]
 
         def refine(i: int, hs_i: Tensor) -> Tensor:
             boxes = self.head.boxes(hs_i, layer_anchors[-1]).detach()
             layer_anchors.append(inverse_sigmoid(boxes))
             return self._query_pos(layer_anchors[-1])
 
-        hs = self.transformer.decode(
-            content, memory, query_pos, pos, mask_arg, tgt_mask=self_mask,
+        hs = self.transformer.decode_states(
+            queries.content, memory, queries.pos, memory_pos, memory_mask, tgt_mask=self_mask,
             pos_update=refine if self.box_refine else None,
         )  # [L, B, T, D]
         if layer_anchors is not None:
@@ -326,11 +377,7 @@ class DETR(nn.Module):
         if not self.aux_loss and not self.training:
             hs = hs[-1:]
             layer_anchors = None if layer_anchors is None else layer_anchors[-1:]
-        logits, boxes = self.head(hs, layer_anchors)
-        out.update(self._outputs(logits[:, :, num_dn:], boxes[:, :, num_dn:]))
-        if dn is not None:
-            out["dn_outputs"] = {**self._outputs(logits[:, :, :num_dn], boxes[:, :, :num_dn]), "dn": dn}
-        return out
+        return hs, layer_anchors
 
     def _outputs(self, logits: Tensor, boxes: Tensor) -> dict:
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
@@ -363,37 +410,21 @@ def resolve_architecture(given: dict, source: WeightSource | None) -> dict:
 
 
 def build_detr(
-    *,
-    num_classes: int,
-    backbone: str | None = None,
-    pretrained_backbone: str | None = None,
-    frozen_bn: bool = True,
-    trainable_layers: int = 3,
-    stride: int = 32,
-    fuse_frozen_bn: bool = False,
-    channels_last: bool = False,
-    d_model: int | None = None,
-    nhead: int | None = None,
-    num_encoder_layers: int | None = None,
-    num_decoder_layers: int | None = None,
-    dim_feedforward: int | None = None,
-    dropout: float = 0.1,
-    norm_first: bool | None = None,
-    activation: str | None = None,
-    num_queries: int | None = None,
-    aux_loss: bool = True,
-    sigmoid_classes: bool = False,
-    anchor_queries: bool = False,
-    box_refine: bool = False,
-    num_groups: int = 1,
-    two_stage: bool = False,
-    dn_groups: int = 0,
-    dn_label_noise: float = 0.5,
-    dn_box_noise: float = 0.4,
-    dn_contrastive: bool = True,
+    *, num_classes: int,
+    # the image adapter (ImageAdapter)
+    backbone: str | None = None, pretrained_backbone: str | None = None, frozen_bn: bool = True,
+    trainable_layers: int = 3, stride: int = 32, fuse_frozen_bn: bool = False, channels_last: bool = False,
     position_offset: float | None = None,
-    init_from: str | None = None,
-    init_strict: bool = True,
+    # the transformer (Seq2SeqTransformer)
+    d_model: int | None = None, nhead: int | None = None, num_encoder_layers: int | None = None,
+    num_decoder_layers: int | None = None, dim_feedforward: int | None = None, dropout: float = 0.1,
+    norm_first: bool | None = None, activation: str | None = None,
+    # the queries, heads and convergence switches (DETR)
+    num_queries: int | None = None, aux_loss: bool = True, sigmoid_classes: bool = False,
+    anchor_queries: bool = False, box_refine: bool = False, num_groups: int = 1, two_stage: bool = False,
+    dn_groups: int = 0, dn_label_noise: float = 0.5, dn_box_noise: float = 0.4, dn_contrastive: bool = True,
+    # whole-model weights
+    init_from: str | None = None, init_strict: bool = True,
 ) -> DETR:
     """DETR from plain settings (the ``model`` config group). Defaults are the DETR-R50 paper setting
     (every convergence switch off, DETR's sine positions: ``position_offset`` 0).
@@ -436,7 +467,7 @@ def build_detr(
 
 @torch.no_grad()
 def postprocess(
-    outputs: dict, target_sizes: Tensor, top_k: int | None = None, sigmoid: bool = False
+    outputs: dict, target_sizes: Tensor, *, top_k: int | None = None, sigmoid_classes: bool = False
 ) -> list[dict[str, Tensor]]:
     """Turn raw outputs into detections in absolute pixels.
 
@@ -453,7 +484,7 @@ def postprocess(
     boxes = box_convert(at_least_float32(outputs["pred_boxes"]), "cxcywh", "xyxy")
     h, w = target_sizes.to(boxes.dtype).unbind(1)
     boxes = boxes * torch.stack((w, h, w, h), dim=1)[:, None, :]
-    if sigmoid:
+    if sigmoid_classes:
         c = logits.shape[-1]
         flat = logits.sigmoid().flatten(1)  # [B, Q*C]
         k = flat.shape[1] if top_k is None else min(top_k, flat.shape[1])

@@ -15,8 +15,8 @@ class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising
     ``cost_class * class_cost + cost_bbox * L1(boxes) + cost_giou * (-GIoU)``.
 
-    The class cost is ``-p(class)`` for a softmax head (DETR) or, with ``focal=True`` for a sigmoid
-    head, the focal loss of calling the query that class minus the focal loss of calling it
+    The class cost is ``-p(class)`` for a softmax head (DETR) or, with ``sigmoid_classes=True`` for a
+    sigmoid head, the focal loss of calling the query that class minus the focal loss of calling it
     background (Deformable DETR), so matching and loss agree on what a good query is.
 
     The cost is computed per image ([Q, n_b] each), not for all queries x all targets of the batch,
@@ -29,7 +29,7 @@ class HungarianMatcher(nn.Module):
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
-        focal: bool = False,
+        sigmoid_classes: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
@@ -37,11 +37,11 @@ class HungarianMatcher(nn.Module):
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are 0: the assignment would be arbitrary")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
-        self.focal, self.focal_alpha, self.focal_gamma = focal, focal_alpha, focal_gamma
+        self.sigmoid_classes, self.focal_alpha, self.focal_gamma = sigmoid_classes, focal_alpha, focal_gamma
 
     def class_scores(self, logits: Tensor) -> Tensor:
         """``[B, Q, C(+1)]`` logits -> per-class scores whose negative is the classification cost."""
-        if not self.focal:
+        if not self.sigmoid_classes:
             return logits.softmax(-1)
         p, a, g = logits.sigmoid(), self.focal_alpha, self.focal_gamma
         # -log(p) and -log(1-p) from the logits: exact where p rounds to 0 or 1

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import decoding
 from .backbone import ImageAdapter
-from .decoding import decode as run_decoding
 from .dtypes import at_least_float32
 from .position import sinusoidal_positions
 from .transformer import LayerCache, Seq2SeqTransformer
@@ -160,7 +160,7 @@ class Query2Label(nn.Module):
         """``images`` ``[B, 3, H, W]``, ``pixel_mask`` ``[B, H, W]`` (True = padding) -> logits ``[B, C]``."""
         memory, pos, mask = _encode_images(self.adapter, self.transformer, images, pixel_mask)
         queries = self.query_embed.weight.unsqueeze(0).expand(images.shape[0], -1, -1)
-        hs = self.transformer.decode(torch.zeros_like(queries), memory, queries, pos, mask,
+        hs = self.transformer.decode_states(torch.zeros_like(queries), memory, queries, pos, mask,
                                      return_intermediate=False)[0]  # [B, C, D]
         with torch.autocast(hs.device.type, enabled=False):
             return self.head(at_least_float32(hs))
@@ -240,7 +240,7 @@ class LabelSequenceModel(nn.Module):
     gives next-token logits over the ``C + 3`` tokens.
 
     Decoding goes through ``modules.decoding`` (greedy, beam, with the incremental cache), which expects
-    ``encode(src, src_padding_mask)`` / ``decode(...)`` / ``init_cache()``. Its ``src`` is the encoded
+    ``encode(src, src_padding_mask)`` / ``target_log_probs(...)`` / ``init_cache()``. Its ``src`` is the encoded
     image packed with its positions (``pack_memory``), so cross-attention keys get the image
     positions, and the decoder's row reordering (finished rows dropped, beams) moves both together.
 
@@ -281,7 +281,7 @@ class LabelSequenceModel(nn.Module):
     def init_cache(self) -> list[LayerCache]:
         return self.transformer.init_cache()
 
-    def decode(
+    def target_log_probs(
         self,
         tgt: Tensor,  # [B, T] token ids
         memory: Tensor,  # [B, S, 2D] from pack_memory
@@ -298,7 +298,7 @@ class LabelSequenceModel(nn.Module):
         t = tgt.shape[1]
         mem, pos = memory.split(self.d_model, dim=-1)
         x = self.embed(tgt) * self.d_model**0.5
-        hs = self.transformer.decode(
+        hs = self.transformer.decode_states(
             x, mem, self.positions[offset : offset + t].to(x.dtype), pos, memory_padding_mask,
             cache=cache, tgt_padding_mask=tgt_padding_mask, is_causal=causal, return_intermediate=False,
         )[0]
@@ -312,7 +312,7 @@ class LabelSequenceModel(nn.Module):
     def step_log_probs(self, packed: Tensor, mask: Tensor | None, tgt_in: Tensor) -> Tensor:
         """Teacher-forced step distributions ``[B, T, V]`` for decoder input ``tgt_in`` (BOS first), under
         a causal mask, with already-emitted labels, BOS and PAD excluded and the rest renormalised."""
-        log_probs = self.decode(tgt_in, packed, mask, causal=True)[0]
+        log_probs = self.target_log_probs(tgt_in, packed, mask, causal=True)[0]
         return log_probs.masked_fill(emitted_mask(tgt_in, self.vocab_size), float("-inf")).log_softmax(-1)
 
     def forward(self, images: Tensor, pixel_mask: Tensor, tokens: Tensor) -> Tensor:
@@ -322,22 +322,22 @@ class LabelSequenceModel(nn.Module):
         return self.step_log_probs(packed, mask, tokens[:, :-1])
 
     @torch.no_grad()
-    def generate(self, images: Tensor, pixel_mask: Tensor, **decoding) -> tuple[Tensor, Tensor]:
+    def generate(self, images: Tensor, pixel_mask: Tensor, **strategy) -> tuple[Tensor, Tensor]:
         """Decode label sequences and score every class.
 
-        ``decoding``: settings of :func:`modules.decoding.decode` (``strategy`` greedy | beam | sample,
+        ``strategy``: settings of :func:`modules.decoding.generate` (``strategy`` greedy | beam | sample,
         ``beam_size``, ``use_cache``, ...). The output length is capped at ``C + 1`` (every label, then
         EOS); ``no_repeat_processor`` masks labels already emitted. Returns the decoded tokens ``[B, T]``
         (no BOS; labels, EOS, pad) and scores ``[B, C]``: the largest probability each class token got
         along the decoded path (one teacher-forced pass over it; see ``label_scores_from_steps``).
         Call ``eval()`` first.
         """
-        settings = {"max_len_a": 0.0, "max_len_b": self.num_classes + 1, **decoding}
+        settings = {"max_len_a": 0.0, "max_len_b": self.num_classes + 1, **strategy}
         if settings.get("strategy", "greedy") == "nat":
             raise ValueError("label sequences decode autoregressively: strategy greedy, beam or sample")
         packed, mask = self.pack_memory(images, pixel_mask)
-        tokens = run_decoding(self, packed, mask, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-                              logits_processor=no_repeat_processor, **settings)
+        tokens = decoding.generate(self, packed, mask, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+                                   logits_processor=no_repeat_processor, **settings)
         bos = torch.full_like(tokens[:, :1], BOS_ID)
         log_probs = self.step_log_probs(packed, mask, torch.cat([bos, tokens[:, :-1]], 1))
         return tokens, label_scores_from_steps(log_probs, tokens, self.num_classes)

@@ -1,7 +1,7 @@
 """One ``Seq2SeqTransformer`` shared by several task models: each task sees it through a ``TaskTransformer``.
 
 A task model (``DETR``, ``Query2Label``, ``LabelSequenceModel``, ``TranslationModel``) calls
-``self.transformer.encode(...)`` / ``.decode(...)`` / ``.init_cache()`` and reads ``.d_model``. Replacing
+``self.transformer.encode(...)`` / ``.decode_states(...)`` / ``.init_cache()`` and reads ``.d_model``. Replacing
 its ``transformer`` attribute with a ``TaskTransformer`` over the shared instance makes every task run
 the same weights, while the view
 
@@ -64,12 +64,12 @@ class TaskTransformer(nn.Module):
         return self.shared.encode(src, src_pos, src_padding_mask, pos_at_every_layer=self.pos_at_every_layer,
                                   pack=pack)
 
-    def decode(self, tgt: Tensor, memory: Tensor, *args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
-        """``Seq2SeqTransformer.decode`` with the task embedding added to ``tgt`` (also to the new positions
+    def decode_states(self, tgt: Tensor, memory: Tensor, *args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+        """``Seq2SeqTransformer.decode_states`` with the task embedding added to ``tgt`` (also to the new positions
         only, when decoding step by step with a cache: every position gets it)."""
         if self.embedding is not None:
             tgt = self._add_embedding(tgt)
-        return self.shared.decode(tgt, memory, *args, pos_at_every_layer=self.pos_at_every_layer, **kwargs)
+        return self.shared.decode_states(tgt, memory, *args, pos_at_every_layer=self.pos_at_every_layer, **kwargs)
 
     def extra_repr(self) -> str:
         return f"shared=Seq2SeqTransformer(d_model={self.d_model}), pos_at_every_layer={self.pos_at_every_layer}, " \

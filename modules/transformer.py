@@ -52,6 +52,16 @@ def _attention_mask(padding_mask: Tensor | None, mask: Tensor | None) -> Tensor 
     return allowed
 
 
+def _decoder_self_mask(padding_mask: Tensor | None, mask: Tensor | None, is_causal: bool, t: int,
+                       device: torch.device) -> Tensor | None:
+    """:func:`_attention_mask` of the decoder's self-attention, with the causal mask folded in when
+    there is a mask at all (SDPA takes either a mask or ``is_causal``)."""
+    self_mask = _attention_mask(padding_mask, mask)
+    if is_causal and self_mask is not None:
+        self_mask = self_mask & torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    return self_mask
+
+
 class PackedRows:
     """The real (non-padding) tokens of a ``[B, S]`` batch, to run per-token layers on them alone.
 
@@ -63,7 +73,7 @@ class PackedRows:
         self.index = (~padding_mask).flatten().nonzero().squeeze(1)
 
     @classmethod
-    def worth_it(cls, padding_mask: Tensor | None, device: torch.device) -> PackedRows | None:
+    def if_packing_pays(cls, padding_mask: Tensor | None, device: torch.device) -> PackedRows | None:
         """Packing pays for its gather/scatter once an eighth of the batch is padding (on CPU; on
         other devices the index would synchronise the stream on every call)."""
         if padding_mask is None or device.type != "cpu" or padding_mask.dim() != 2:
@@ -101,6 +111,17 @@ def _append(cache: LayerCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     buf_k[:, :, n : n + t], buf_v[:, :, n : n + t] = k, v
     cache["length"] = n + t
     return buf_k[:, :, : n + t], buf_v[:, :, : n + t]
+
+
+def _cached_keys_values(cache: LayerCache, k: Tensor, v: Tensor, static_kv: bool) -> tuple[Tensor, Tensor]:
+    """Store keys/values in ``cache`` and return what attention reads: cross-attention (``static_kv``)
+    stores them once, as the decoding steps read them (keys transposed, both contiguous);
+    self-attention appends this step's to the earlier ones."""
+    if not static_kv:
+        return _append(cache, k, v)
+    k = cache["k_t"] = k.transpose(-2, -1).contiguous()
+    v = cache["v"] = v.contiguous()
+    return k, v
 
 
 # Bytes the explicit attention path may allocate for one call's [B, H, T, S] scores and probabilities
@@ -231,6 +252,17 @@ class MultiheadAttention(nn.Module):
             v = linear(value, w[2 * d :], b[2 * d :])
         return self._heads(k), self._heads(v)
 
+    def _project_qkv(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values ``[B, H, T or S, Dh]``; inputs that coincide share one matmul."""
+        d, w, b = self.d_model, self.in_proj.weight, self.in_proj.bias
+        if key is query and value is query:
+            q, k, v = (self._heads(t) for t in linear(query, w, b).chunk(3, dim=-1))
+            return q, k, v
+        if key is query:
+            q, k = (self._heads(t) for t in linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1))
+            return q, k, self._heads(linear(value, w[2 * d :], b[2 * d :]))
+        return (self._heads(linear(query, w[:d], b[:d])), *self._project_kv(key, value))
+
     def _heads(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, D/H]
         b, t, _ = x.shape
         return x.view(b, t, self.nhead, -1).transpose(1, 2)
@@ -309,20 +341,9 @@ class MultiheadAttention(nn.Module):
             q = self._heads(linear(query, w[:d], b[:d]))
             k, v = cache["k_t"], cache["v"]
         else:
-            if key is query and value is query:
-                q, k, v = (self._heads(t) for t in linear(query, w, b).chunk(3, dim=-1))
-            elif key is query:
-                q, k = (self._heads(t) for t in linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1))
-                v = self._heads(linear(value, w[2 * d :], b[2 * d :]))
-            else:
-                q = self._heads(linear(query, w[:d], b[:d]))
-                k, v = self._project_kv(key, value)
+            q, k, v = self._project_qkv(query, key, value)
             if cache is not None:
-                if static_kv:  # stored as the decoding steps read them: keys transposed, both contiguous
-                    k = cache["k_t"] = k.transpose(-2, -1).contiguous()
-                    v = cache["v"] = v.contiguous()
-                else:  # self-attention: append this step's keys/values
-                    k, v = _append(cache, k, v)
+                k, v = _cached_keys_values(cache, k, v, static_kv)
         out, probs = self._attend(q, k, v, attn_mask, is_causal, explicit=cache is not None or need_weights,
                                   keys_transposed=transposed, need_weights=need_weights)
         bsz, _, t, _ = out.shape
@@ -424,7 +445,7 @@ class Seq2SeqTransformer(nn.Module):
 
     Args:
         pos_at_every_layer: True (DETR style) adds the given positions to queries and keys in every
-            attention layer; False (NMT style) adds them once to the inputs of ``encode``/``decode``.
+            attention layer; False (NMT style) adds them once to the inputs of ``encode``/``decode_states``.
         norm_first: pre-norm layers (plus a final encoder norm) instead of post-norm.
         activation: of the feed-forward layers: "relu", "gelu" or "silu" (swish: Marian / opus-mt).
         final_norm: the decoder's final LayerNorm, applied to every layer's output (what DETR's
@@ -484,7 +505,7 @@ class Seq2SeqTransformer(nn.Module):
         if src_pos is not None and not every:
             src, src_pos = src + src_pos, None
         mask = _attention_mask(src_padding_mask, None)
-        rows = PackedRows.worth_it(src_padding_mask, src.device) if pack and not torch.is_grad_enabled() else None
+        rows = PackedRows.if_packing_pays(src_padding_mask, src.device) if pack and not torch.is_grad_enabled() else None
         if rows is None:
             for layer in self.encoder_layers:
                 src = layer(src, src_pos, mask)
@@ -497,10 +518,10 @@ class Seq2SeqTransformer(nn.Module):
         return rows.scatter(self.encoder_norm(x))
 
     def init_cache(self) -> list[LayerCache]:
-        """An empty incremental-decoding cache: pass the same list to every ``decode`` step."""
+        """An empty incremental-decoding cache: pass the same list to every ``decode_states`` step."""
         return [{} for _ in self.decoder_layers]
 
-    def decode(
+    def decode_states(
         self,
         tgt: Tensor,  # [B, T, D] (only the new positions when decoding with a cache)
         memory: Tensor,  # [B, S, D]
@@ -531,15 +552,8 @@ class Seq2SeqTransformer(nn.Module):
             raise ValueError("pos_update needs pos_at_every_layer=True (positions added in every layer)")
         if tgt_pos is not None and not every:
             tgt, tgt_pos = tgt + tgt_pos, None
-        if every and memory_pos is not None:
-            memory_k = memory + memory_pos
-        else:
-            memory_k = memory
-        t = tgt.shape[1]
-        self_mask = _attention_mask(tgt_padding_mask, tgt_mask)
-        if is_causal and self_mask is not None:  # SDPA takes either a mask or is_causal: fold it in
-            causal = torch.ones(t, t, dtype=torch.bool, device=tgt.device).tril()
-            self_mask = self_mask & causal
+        memory_k = memory + memory_pos if every and memory_pos is not None else memory  # cross-attention keys
+        self_mask = _decoder_self_mask(tgt_padding_mask, tgt_mask, is_causal, tgt.shape[1], tgt.device)
         memory_mask = _attention_mask(memory_padding_mask, None)
         if cache is not None and len(cache) != len(self.decoder_layers):
             raise ValueError("cache has a different number of layers: create it with init_cache()")
@@ -547,17 +561,9 @@ class Seq2SeqTransformer(nn.Module):
         outputs, weights = [], None
         last = len(self.decoder_layers) - 1
         for i, layer in enumerate(self.decoder_layers):
-            tgt, weights = layer(
-                tgt,
-                memory_k,
-                memory,
-                tgt_pos,
-                self_mask,
-                causal_step,
-                memory_mask,
-                None if cache is None else cache[i],
-                need_weights=return_cross_attn and i == last,
-            )
+            layer_cache = None if cache is None else cache[i]
+            tgt, weights = layer(tgt, memory_k, memory, tgt_pos, self_mask, causal_step, memory_mask, layer_cache,
+                                 need_weights=return_cross_attn and i == last)
             if return_intermediate or (pos_update is not None and i < last):
                 outputs.append(self.decoder_norm(tgt))
             if pos_update is not None and i < last:

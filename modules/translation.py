@@ -20,7 +20,7 @@ from .packed import linear
 from .position import sinusoidal_positions
 from .transformer import LayerCache, Seq2SeqTransformer
 
-OUTPUTS = ("log_probs", "logits", "hidden")  # what TranslationModel.decode can return
+OUTPUTS = ("log_probs", "logits", "hidden")  # what TranslationModel.target_log_probs can return
 
 
 ARCHITECTURE = (  # the TranslationModel settings a pretrained source states (modules.marian)
@@ -165,7 +165,7 @@ class TranslationModel(nn.Module):
     def init_cache(self) -> list[LayerCache]:
         return self.transformer.init_cache()
 
-    def decode(
+    def target_log_probs(
         self,
         tgt: Tensor,  # [B, T] token ids (decoder input)
         memory: Tensor,  # [B, S, D]
@@ -192,7 +192,7 @@ class TranslationModel(nn.Module):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         want_attn = need_attn or self.copy_gate is not None
-        out = self.transformer.decode(
+        out = self.transformer.decode_states(
             self.embed_tokens(tgt, offset, target=True), memory, memory_padding_mask=memory_padding_mask,
             tgt_padding_mask=tgt_padding_mask, cache=cache, is_causal=causal,
             return_intermediate=False, return_cross_attn=want_attn,
@@ -213,7 +213,7 @@ class TranslationModel(nn.Module):
         return at_least_float32(linear(h, self.output.weight, self.output_bias))
 
     def output_kind(self, output: str) -> str:
-        """What :meth:`decode` returns when ``output`` is asked: log-probabilities with the copy mechanism."""
+        """What :meth:`target_log_probs` returns when ``output`` is asked: log-probabilities with the copy mechanism."""
         return output if self.copy_gate is None else "log_probs"
 
     def log_probs(self, h: Tensor, attn: Tensor | None, memory: Tensor, src: Tensor) -> Tensor:
@@ -251,12 +251,12 @@ class TranslationModel(nn.Module):
         select: Tensor | None = None,
         output: str = "log_probs",
     ) -> dict[str, Tensor]:
-        """Teacher-forced pass: the :meth:`decode` scores under the key of their kind (``log_probs``
+        """Teacher-forced pass: the :meth:`target_log_probs` scores under the key of their kind (``log_probs``
         [B, T, V], or [N, V] for the ``select``ed positions; ``hidden`` with ``output="hidden"`` and
         no copy mechanism), ``cross_attn`` [B, T, S] (if asked), ``memory``. :meth:`sequence_loss`
         takes ``log_probs`` or ``hidden``."""
         memory = self.encode(src, src_padding_mask)
-        scores, attn = self.decode(
+        scores, attn = self.target_log_probs(
             tgt_in, memory, src_padding_mask, src, tgt_padding_mask, causal=causal, need_attn=need_attn,
             select=select, output=output,
         )
@@ -383,7 +383,7 @@ def linear_label_smoothed_cross_entropy(
     added to the logits (Marian's ``final_logits_bias``; no gradient flows to it). The matmuls run in
     the compute dtype (autocast's when on), the softmax arithmetic in float32. ``chunk`` rows are
     processed at a time (default: about 8 MB of float32 logits). Values and gradients equal the
-    unfused computation's (tests); the speed-up is in ``benchmarks/README.md``.
+    unfused computation's (tests).
     """
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or target.shape != h.shape[:1]:
         raise ValueError(f"h must be [N, D], weight [V, D] and target [N], got {tuple(h.shape)}, "

@@ -299,7 +299,11 @@ def _from_lightning(ckpt: dict, path: str) -> WeightSource:
     model = hparams.get("model") or {}
     stated = {k: model[k] for k in ARCHITECTURE if model.get(k) is not None}
     _merge_settings(source, stated, f"the model settings saved in {path}")
-    source.sigmoid_classes = hparams.get("class_loss") == "focal"
+    # a sigmoid (focal) head: model.sigmoid_classes, or in older checkpoints task.class_loss=focal
+    if "sigmoid_classes" in model:
+        source.sigmoid_classes = bool(model["sigmoid_classes"])
+    else:
+        source.sigmoid_classes = hparams.get("class_loss") == "focal"
     return source
 
 

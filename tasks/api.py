@@ -250,7 +250,7 @@ class Detector(ImagePredictor):
 
         task, names = self.task, self.class_names
         outputs = task(batch["images"], batch["pixel_mask"])
-        preds = postprocess(outputs, batch["sizes"], task.top_k, sigmoid=task.model.sigmoid_classes)
+        preds = postprocess(outputs, batch["sizes"], top_k=task.top_k, sigmoid_classes=task.model.sigmoid_classes)
         thr = 0.5 if threshold is None else float(threshold)
         rows = []
         for p, (h, w) in zip(preds, batch["sizes"].tolist()):
@@ -307,7 +307,7 @@ class Translator(Predictor):
 
     def translate(self, sentences: Sequence[str], batch_size: int | None = None, **decoding) -> list[str]:
         """One translation per sentence (an empty or blank sentence gives ""). ``decoding``: settings of
-        ``modules.decoding.decode`` laid over the model's (strategy, beam_size, max_len, ...)."""
+        ``modules.decoding.generate`` laid over the model's (strategy, beam_size, max_len, ...)."""
         from modules.decoding import check_settings
 
         try:

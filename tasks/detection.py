@@ -67,10 +67,10 @@ class DetectionTask(BaseTask):
         # weights sources are read once: the checkpoint keeps the architecture built (settings left null
         # come from model.init_from's source) and no source, so that it rebuilds without them
         self.hparams["model"] = {**model, **self.model.settings, "init_from": None, "pretrained_backbone": None}
-        matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou, focal=focal,
-                                   focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+        matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
+                                   sigmoid_classes=focal, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.criterion = SetCriterion(num_classes=data_info["num_classes"], matcher=matcher, eos_coef=eos_coef,
-                                      focal=focal, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+                                      sigmoid_classes=focal, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.loss_weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         self.top_k = top_k
         self.register_buffer(
@@ -102,7 +102,7 @@ class DetectionTask(BaseTask):
     def predictions(self, outputs: dict, targets: list[dict]) -> list[dict[str, Tensor]]:
         """Detections in the original image's absolute xyxy pixels, labels as contiguous indices."""
         sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
-        return postprocess(outputs, sizes, self.top_k, sigmoid=self.model.sigmoid_classes)
+        return postprocess(outputs, sizes, top_k=self.top_k, sigmoid_classes=self.model.sigmoid_classes)
 
     def _eval_step(self, batch: dict, metric: CocoDetectionMetric, prefix: str) -> dict:
         outputs, losses, loss = self._losses(batch, training=False)

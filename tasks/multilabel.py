@@ -82,7 +82,7 @@ class MultiLabelTask(BaseTask):
         threshold: score at which the parallel decoder predicts a label (for CP/CR/CF1/OP/OR/OF1).
             The sequence decoder predicts the labels it emits.
         num_samples: validation images logged to W&B each epoch (image, true and predicted labels).
-        decoding: the ``decoding`` config group: settings of :func:`modules.decoding.decode` for the
+        decoding: the ``decoding`` config group: settings of :func:`modules.decoding.generate` for the
             sequence decoder (strategy greedy|beam|sample, beam_size, use_cache).
         **optim: optimizer / schedule settings of :class:`tasks.base.BaseTask`.
     """

@@ -7,8 +7,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
 
-from modules.decoding import check_settings
-from modules.decoding import decode as run_decoding
+from modules.decoding import check_settings, generate
 from modules.marian_vocab import MarianVocab
 from modules.translation import TranslationModel, guided_attention_loss, label_smoothed_nll, shift_right
 
@@ -64,7 +63,7 @@ class TranslationTask(BaseTask):
         num_samples: source / reference / hypothesis rows logged each validation.
         mode: "autoregressive" or "nat" (non-autoregressive: the length predicted from the encoder,
             mask-predict decoding).
-        decoding: the ``decoding`` config group: settings of :func:`modules.decoding.decode` (strategy
+        decoding: the ``decoding`` config group: settings of :func:`modules.decoding.generate` (strategy
             greedy|beam|sample|nat, beam_size, ...) for the test split, ``eval.py`` and ``predict.py``,
             plus ``validation``: settings laid over them for validation during training (e.g.
             ``{strategy: greedy}`` under a beam-5 test).
@@ -160,7 +159,7 @@ class TranslationTask(BaseTask):
             generator = None if train else torch.Generator(labels.device).manual_seed(0)
             nat_in, masked = self._nat_inputs(labels, label_pad, generator)
             memory = self.model.encode(src, src_mask)
-            log_probs, attn = self.model.decode(nat_in, memory, src_mask, src, label_pad, causal=False,
+            log_probs, attn = self.model.target_log_probs(nat_in, memory, src_mask, src, label_pad, causal=False,
                                                 need_attn=need_attn)
             target = labels.masked_fill(~masked, self.pad_id)  # loss and perplexity: masked positions only
             loss, nll = label_smoothed_nll(log_probs, target, self.label_smoothing, self.pad_id)
@@ -209,7 +208,7 @@ class TranslationTask(BaseTask):
     def translate_ids(self, src: Tensor, src_padding_mask: Tensor, **overrides) -> list[list[int]]:
         """Decode a batch with the configured strategy; returns token ids without specials."""
         settings = {**self.decoding, **overrides}
-        out = run_decoding(
+        out = generate(
             self.model, src, src_padding_mask, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
             mask_id=self.mask_id, **settings,
         )

@@ -78,7 +78,7 @@ def test_half_types_are_computed_in_float32_and_float64_stays(focal):
     for dtype, want in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)):
         out = {k: v[..., :c].to(dtype) if k == "pred_logits" else v.to(dtype)
                for k, v in make_outputs(aux=0).items() if k != "aux_outputs"}
-        crit = SetCriterion(num_classes=3, matcher=HungarianMatcher(focal=focal), focal=focal)
+        crit = SetCriterion(num_classes=3, matcher=HungarianMatcher(sigmoid_classes=focal), sigmoid_classes=focal)
         assert {v.dtype for v in crit(out, TARGETS).values()} == {want}, dtype
 
 

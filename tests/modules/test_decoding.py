@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from modules.decoding import (
     beam_search,
-    decode,
+    generate,
     greedy_decode,
     max_lengths,
     nat_decode,
@@ -97,7 +97,7 @@ def test_cache_is_filled_once_for_cross_attention_and_grows_for_self_attention()
     cache = model.init_cache()
     tokens = torch.full((4, 1), BOS)
     for t in range(3):
-        model.decode(tokens, memory, mask, src, cache=cache, offset=t)
+        model.target_log_probs(tokens, memory, mask, src, cache=cache, offset=t)
     for layer in cache:
         assert layer["self"]["length"] == 3  # one key per fed token
         assert layer["cross"]["v"].shape[2] == src.shape[1]  # the encoder's, computed once
@@ -285,22 +285,22 @@ def test_decode_dispatcher():
     common = dict(**ids, mask_id=MASK)
     greedy = greedy_decode(model, src, mask, **ids, max_len_b=5)
     settings = {"strategy": "greedy", "max_len_b": 5, "beam_size": 4, "temperature": 0.7}  # others ignored
-    assert torch.equal(decode(model, "greedy", src, mask, **common, settings=settings), greedy)
-    beam = decode(model, "beam", src, mask, **common, settings={"beam_size": 1, "max_len_b": 5})
+    assert torch.equal(generate(model, "greedy", src, mask, **common, settings=settings), greedy)
+    beam = generate(model, "beam", src, mask, **common, settings={"beam_size": 1, "max_len_b": 5})
     assert torch.equal(beam, greedy)
-    sample = decode(model, "sample", src, mask, **common, settings={"top_k": 1}, max_len_b=5)
+    sample = generate(model, "sample", src, mask, **common, settings={"top_k": 1}, max_len_b=5)
     assert torch.equal(sample, greedy)
-    nat = decode(model, "nat", src, mask, **common, settings={"iterations": 2})
+    nat = generate(model, "nat", src, mask, **common, settings={"iterations": 2})
     assert nat.shape[0] == 4
     assert_well_formed(nat)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \[.beam_szie.\]"):
-        decode(model, "greedy", src, mask, **common, settings={"beam_szie": 4})
+        generate(model, "greedy", src, mask, **common, settings={"beam_szie": 4})
     with pytest.raises(ValueError, match="unknown decoding strategy"):
-        decode(model, "viterbi", src, mask, **common)
+        generate(model, "viterbi", src, mask, **common)
     with pytest.raises(ValueError, match="mask_id"):
-        decode(model, "nat", src, mask, **ids)
+        generate(model, "nat", src, mask, **ids)
     with pytest.raises(ValueError, match="asked for"):
-        decode(model, "beam", src, mask, **ids, settings={"strategy": "greedy"})
+        generate(model, "beam", src, mask, **ids, settings={"strategy": "greedy"})
 
 
 def test_decode_dispatcher_with_the_config_as_keywords():
@@ -310,9 +310,9 @@ def test_decode_dispatcher_with_the_config_as_keywords():
     src, mask = source(seed=9)
     greedy = greedy_decode(model, src, mask, **ids, max_len_b=5)
     config = {"strategy": "beam", "beam_size": 1, "max_len_b": 5, "top_p": 0.9}
-    assert torch.equal(decode(model, src, mask, **ids, mask_id=MASK, **config), greedy)
-    assert torch.equal(decode(model, src, mask, **ids, max_len_b=5), greedy)  # greedy by default
-    assert decode(model, src, mask, **ids, mask_id=MASK, strategy="nat").shape[0] == 4
+    assert torch.equal(generate(model, src, mask, **ids, mask_id=MASK, **config), greedy)
+    assert torch.equal(generate(model, src, mask, **ids, max_len_b=5), greedy)  # greedy by default
+    assert generate(model, src, mask, **ids, mask_id=MASK, strategy="nat").shape[0] == 4
 
 
 # learning -----------------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def nat_copier():
         n_masked = (torch.rand(len(src), generator=g) * lengths).long() + 1
         rank = torch.rand(src.shape, generator=g).masked_fill(pad, 2.0).argsort(1).argsort(1)
         masked = rank < n_masked[:, None]  # never a pad position
-        log_probs, _ = model.decode(src.masked_fill(masked, MASK), memory, pad, src, tgt_padding_mask=pad,
+        log_probs, _ = model.target_log_probs(src.masked_fill(masked, MASK), memory, pad, src, tgt_padding_mask=pad,
                                     causal=False)
         loss, _ = label_smoothed_nll(log_probs, src.masked_fill(~masked, PAD), 0.1, PAD)
         opt.zero_grad()
@@ -508,7 +508,7 @@ class StubNAT:
     def predict_length_logits(self, memory, mask):
         return F.one_hot(torch.tensor(self.lengths), 20).float() * 10
 
-    def decode(self, tokens, memory, mask, src, tgt_padding_mask=None, causal=True, **_):
+    def target_log_probs(self, tokens, memory, mask, src, tgt_padding_mask=None, causal=True, **_):
         assert not causal and tokens.shape == tgt_padding_mask.shape
         self.masked.append((tokens == MASK).sum(1).tolist())
         width = tokens.shape[1]
@@ -628,10 +628,10 @@ def test_raw_logits_path_gives_the_log_prob_paths_tokens():
     def identity(tokens, log_probs):
         return log_probs
 
-    from modules.decoding import _Stepper
+    from modules.decoding import _NextTokenScorer
 
     memory = model.encode(src, mask)
-    assert _Stepper(model, memory, mask, src, True, raw=True).options == {"output": "logits"}  # the raw path runs
+    assert _NextTokenScorer(model, memory, mask, src, True, raw=True).options == {"output": "logits"}  # the raw path runs
     assert torch.equal(greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD),
                        greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, logits_processor=identity))
     for kw in ({"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}):

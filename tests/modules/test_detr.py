@@ -44,7 +44,7 @@ def model(seed=0, **kw):
 
 def test_focal_matching_cost_is_focal_loss_of_the_class_minus_that_of_background():
     logits = torch.tensor([[[2.0, -1.0, 0.5], [-3.0, 4.0, 0.0]]])  # [B=1, Q=2, C=3]
-    m = HungarianMatcher(cost_class=1.0, cost_bbox=0.0, cost_giou=0.0, focal=True, focal_alpha=0.25, focal_gamma=2.0)
+    m = HungarianMatcher(cost_class=1.0, cost_bbox=0.0, cost_giou=0.0, sigmoid_classes=True, focal_alpha=0.25, focal_gamma=2.0)
     p = logits.sigmoid()
     pos = 0.25 * (1 - p) ** 2 * -torch.log(p)
     neg = 0.75 * p**2 * -torch.log(1 - p)
@@ -56,7 +56,7 @@ def test_focal_matching_cost_is_focal_loss_of_the_class_minus_that_of_background
 
 
 def test_focal_classification_loss_matches_the_formula_and_ignores_easy_negatives():
-    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(focal=True), focal=True, focal_alpha=0.25, focal_gamma=2.0)
+    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(sigmoid_classes=True), sigmoid_classes=True, focal_alpha=0.25, focal_gamma=2.0)
     logits = torch.tensor([[[3.0, -2.0, -1.0], [-6.0, -6.0, -6.0]]])
     target = torch.tensor([[0, C]])  # query 0 is class 0, query 1 background
     p = logits.sigmoid()
@@ -71,7 +71,7 @@ def test_focal_classification_loss_matches_the_formula_and_ignores_easy_negative
 def test_sigmoid_postprocess_ranks_query_class_pairs():
     logits = torch.tensor([[[4.0, 3.0, -9.0], [-9.0, -9.0, 0.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5]]])
-    out = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]), top_k=3, sigmoid=True)[0]
+    out = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]), top_k=3, sigmoid_classes=True)[0]
     assert out["labels"].tolist() == [0, 1, 2]  # one query may give two detections of different classes
     torch.testing.assert_close(out["scores"], torch.tensor([4.0, 3.0, 0.0]).sigmoid())
     torch.testing.assert_close(out["boxes"][0], torch.tensor([80.0, 40.0, 120.0, 60.0]))
@@ -267,7 +267,7 @@ def test_every_switch_trains_end_to_end():
     """All switches together: forward, loss (with every part's terms), backward reaching the backbone."""
     net = model(anchor_queries=True, box_refine=True, num_groups=2, two_stage=True, dn_groups=2,
                 sigmoid_classes=True, trainable_layers=5, frozen_bn=False).train()
-    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(focal=True), focal=True)
+    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(sigmoid_classes=True), sigmoid_classes=True)
     losses = crit(net(*batch(), TARGETS), TARGETS)
     assert {"loss_ce_enc", "loss_bbox_dn", "loss_giou_dn_1", "loss_ce_1"} <= set(losses)
     sum(losses.values()).backward()

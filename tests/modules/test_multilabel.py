@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.decoding import decode as run_decoding
+from modules.decoding import generate
 from modules.multilabel import (
     BOS_ID,
     EOS_ID,
@@ -126,7 +126,7 @@ def test_decoding_never_repeats_a_label():
     c = NUM_SPECIAL
     assert tokens.tolist() == [[c, 1 + c, 2 + c, 3 + c, EOS_ID]] * 2
     packed, pmask = model.pack_memory(images, mask)
-    plain = run_decoding(model, packed, pmask, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_len_a=0.0,
+    plain = generate(model, packed, pmask, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, max_len_a=0.0,
                          max_len_b=5)
     assert plain[0].tolist()[:4] == [c] * 4  # the mask is what makes it a set
     # scores: class 0 wins step 1 against the other three labels (EOS has e^-5 weight) ...

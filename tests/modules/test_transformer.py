@@ -13,9 +13,9 @@ def model(request):
 
 def test_decode_returns_every_layer(model):
     memory = model.encode(torch.randn(2, 7, 32))
-    hs = model.decode(torch.randn(2, 5, 32), memory)
+    hs = model.decode_states(torch.randn(2, 5, 32), memory)
     assert hs.shape == (3, 2, 5, 32)
-    last = model.decode(torch.randn(2, 5, 32), memory, return_intermediate=False)
+    last = model.decode_states(torch.randn(2, 5, 32), memory, return_intermediate=False)
     assert last.shape == (1, 2, 5, 32)
 
 
@@ -30,8 +30,8 @@ def test_encoder_padding_is_ignored(model):
     torch.testing.assert_close(memory[:, :6], alone, rtol=1e-4, atol=1e-5)
     tgt = torch.randn(1, 4, 32)
     torch.testing.assert_close(
-        model.decode(tgt, memory, memory_pos=padded_pos, memory_padding_mask=mask),
-        model.decode(tgt, alone, memory_pos=pos), rtol=1e-4, atol=1e-5,
+        model.decode_states(tgt, memory, memory_pos=padded_pos, memory_padding_mask=mask),
+        model.decode_states(tgt, alone, memory_pos=pos), rtol=1e-4, atol=1e-5,
     )
 
 
@@ -68,7 +68,7 @@ def test_causal_mask_hides_the_future(model):
         tgt = torch.randn(1, 6, 32, generator=g)
         changed = tgt.clone()
         changed[:, 4:] += torch.randn(1, 2, 32, generator=g)
-        full, other = (model.decode(t, memory, is_causal=True) for t in (tgt, changed))
+        full, other = (model.decode_states(t, memory, is_causal=True) for t in (tgt, changed))
     torch.testing.assert_close(other[:, :, :4], full[:, :, :4], rtol=1e-5, atol=1e-6)
     assert (other[:, :, 4:] - full[:, :, 4:]).abs().amax(-1).min() > 0.1  # each layer, each later token
 
@@ -80,9 +80,9 @@ def test_cached_decoding_equals_uncached(every_layer):
     memory = model.encode(torch.randn(2, 5, 32), sinusoidal_positions(5, 32))
     tgt = torch.randn(2, 6, 32)
     pos = sinusoidal_positions(6, 32)
-    full = model.decode(tgt, memory, pos, is_causal=True, return_intermediate=False)[0]
+    full = model.decode_states(tgt, memory, pos, is_causal=True, return_intermediate=False)[0]
     cache = model.init_cache()
-    steps = [model.decode(tgt[:, t : t + 1], memory, pos[t : t + 1], cache=cache, is_causal=True,
+    steps = [model.decode_states(tgt[:, t : t + 1], memory, pos[t : t + 1], cache=cache, is_causal=True,
                           return_intermediate=False)[0] for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
     assert cache[0]["self"]["length"] == 6  # one key per decoded position
@@ -109,10 +109,10 @@ def test_cache_grows_past_its_buffer_and_follows_a_reorder():
                             part[key] = value.index_select(0, order)
             steps = [s.index_select(0, order) for s in steps]
             tgt = torch.cat([tgt[order, :20], tgt[:, 20:]], 1)
-        steps.append(model.decode(tgt[:, t : t + 1], memory if t < 20 else memory[order], cache=cache,
+        steps.append(model.decode_states(tgt[:, t : t + 1], memory if t < 20 else memory[order], cache=cache,
                                   is_causal=True, return_intermediate=False)[0])
     assert cache[0]["self"]["length"] == 40 and cache[0]["self"]["k"].shape[2] > 40
-    full = model.decode(tgt, memory[order], is_causal=True, return_intermediate=False)[0]
+    full = model.decode_states(tgt, memory[order], is_causal=True, return_intermediate=False)[0]
     torch.testing.assert_close(torch.cat(steps, 1)[:, 20:], full[:, 20:], rtol=1e-4, atol=1e-5)
 
 
@@ -125,28 +125,28 @@ def test_memory_shared_by_consecutive_query_rows(cached):
     memory = model.encode(torch.randn(2, 5, 32), src_padding_mask=torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
     mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     tgt = torch.randn(6, 4, 32)  # 3 rows per memory row
-    want, want_w = model.decode(tgt, memory.repeat_interleave(3, 0), memory_padding_mask=mask.repeat_interleave(3, 0),
+    want, want_w = model.decode_states(tgt, memory.repeat_interleave(3, 0), memory_padding_mask=mask.repeat_interleave(3, 0),
                                 is_causal=True, return_intermediate=False, return_cross_attn=True)
     if cached:
         cache = model.init_cache()
-        outs = [model.decode(tgt[:, t : t + 1], memory, memory_padding_mask=mask, cache=cache, is_causal=True,
+        outs = [model.decode_states(tgt[:, t : t + 1], memory, memory_padding_mask=mask, cache=cache, is_causal=True,
                              return_intermediate=False, return_cross_attn=True) for t in range(4)]
         got, got_w = torch.cat([h for h, _ in outs], 2), torch.cat([w for _, w in outs], 1)
         assert cache[0]["cross"]["v"].shape[0] == 2  # one copy per memory row
     else:
-        got, got_w = model.decode(tgt, memory, memory_padding_mask=mask, is_causal=True, return_intermediate=False,
+        got, got_w = model.decode_states(tgt, memory, memory_padding_mask=mask, is_causal=True, return_intermediate=False,
                                   return_cross_attn=True)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-5)
     assert torch.all(got_w[3:, :, 3:] == 0)  # rows of the second memory row never see its padding
     with pytest.raises(ValueError, match="multiple"):
-        model.decode(torch.randn(5, 1, 32), memory)
+        model.decode_states(torch.randn(5, 1, 32), memory)
 
 
 def test_bad_mask_dtype_is_rejected(model):
     memory = model.encode(torch.randn(1, 3, 32))
     with pytest.raises(TypeError, match="bool"):
-        model.decode(torch.randn(1, 2, 32), memory, tgt_mask=torch.zeros(2, 2))
+        model.decode_states(torch.randn(1, 2, 32), memory, tgt_mask=torch.zeros(2, 2))
 
 
 def test_sine_positions_ignore_padding():

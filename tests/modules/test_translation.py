@@ -85,7 +85,7 @@ def test_step_by_step_decoding_with_cache_matches_teacher_forcing(copy):
         full = model(src, src_mask, tgt, need_attn=True)
         memory = model.encode(src, src_mask)
         cache = model.init_cache()
-        steps = [model.decode(tgt[:, t : t + 1], memory, src_mask, src, cache=cache, offset=t, need_attn=True)
+        steps = [model.target_log_probs(tgt[:, t : t + 1], memory, src_mask, src, cache=cache, offset=t, need_attn=True)
                  for t in range(tgt.shape[1])]
     torch.testing.assert_close(torch.cat([lp for lp, _ in steps], 1), full["log_probs"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat([a for _, a in steps], 1), full["cross_attn"], atol=1e-6, rtol=1e-4)
@@ -98,12 +98,12 @@ def test_cross_attention_sums_to_one_over_real_source_and_is_zero_on_padding(nor
     model = tiny_model(norm_first=norm_first)
     src, src_mask, tgt, tgt_mask = batch(2)
     memory = model.encode(src, src_mask)
-    log_probs, attn = model.decode(tgt, memory, src_mask, src, tgt_mask, need_attn=True)
+    log_probs, attn = model.target_log_probs(tgt, memory, src_mask, src, tgt_mask, need_attn=True)
     assert attn.shape == (2, 5, 6)
     assert bool((attn >= 0).all())
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 5))
     assert float(attn.masked_select(src_mask[:, None, :].expand_as(attn)).abs().max()) == 0.0
-    _, none = model.decode(tgt, memory, src_mask, src, tgt_mask)
+    _, none = model.target_log_probs(tgt, memory, src_mask, src, tgt_mask)
     assert none is None  # only computed when asked (or with copy)
 
 

@@ -97,7 +97,7 @@ def test_nat_validation_scores_only_the_masked_positions():
     tgt[:, 0], tgt_pad = 1, torch.arange(10)[None] >= torch.tensor([10, 9, 7, 10, 4, 8])[:, None]
     batch = {"src": torch.randint(5, 50, (6, 9), generator=g), "src_padding_mask": torch.zeros(6, 9, dtype=torch.bool),
              "tgt": tgt.masked_fill(tgt_pad, 0), "tgt_padding_mask": tgt_pad}
-    decode, inputs = task.model.decode, []
+    decode, inputs = task.model.target_log_probs, []
 
     def recorded(perturb):
         def run(tgt_in, *args, **kwargs):
@@ -108,9 +108,9 @@ def test_nat_validation_scores_only_the_masked_positions():
         return run
 
     with torch.no_grad():
-        task.model.decode = recorded(False)
+        task.model.target_log_probs = recorded(False)
         honest = task._losses(batch, train=False)
-        task.model.decode = recorded(True)
+        task.model.target_log_probs = recorded(True)
         perturbed = task._losses(batch, train=False)
     assert torch.equal(inputs[0], inputs[1])  # the same positions masked in both calls
     masked = inputs[0] == info["mask_id"]
@@ -118,7 +118,7 @@ def test_nat_validation_scores_only_the_masked_positions():
     torch.testing.assert_close(perturbed["nll"], honest["nll"], rtol=1e-6, atol=0)
     torch.testing.assert_close(perturbed["loss"], honest["loss"], rtol=1e-6, atol=0)
     assert honest["scored_tokens"] == masked.sum() == perturbed["scored_tokens"]  # the perplexity's weight
-    task.model.decode = decode
+    task.model.target_log_probs = decode
     with torch.no_grad():  # evaluation masks the same positions each time
         assert torch.equal(task._losses(batch, train=False)["nll"], honest["nll"])
 
