@@ -41,9 +41,9 @@ def evaluate(task: DetectionTask, batch: dict) -> dict[str, float]:
 
 def default_recipe() -> tuple[dict, dict]:
     """The shipped recipe's technique switches (configs/model/detr_small.yaml) and loss settings
-    (configs/task/detection.yaml), so the learning test follows the default."""
+    (configs/task_settings/detection.yaml), so the learning test follows the default."""
     model = OmegaConf.load(ROOT / "configs" / "model" / "detr_small.yaml")
-    task = OmegaConf.load(ROOT / "configs" / "task" / "detection.yaml").task
+    task = OmegaConf.load(ROOT / "configs" / "task_settings" / "detection.yaml")
     switches = {k: model[k] for k in ("anchor_queries", "box_refine", "num_groups", "two_stage", "dn_groups", "position_offset",
                                       "dn_label_noise", "dn_box_noise", "dn_contrastive")}
     losses = {k: task[k] for k in ("class_loss", "focal_alpha", "focal_gamma", "cost_class", "cost_bbox",
