@@ -1,8 +1,8 @@
 """Dropout whose keep-mask is cheaper than ``torch.bernoulli_``'s on CPU.
 
 On CPU, ``F.dropout`` draws its mask with ``bernoulli_``, one random number per element, a large
-share of a small model's bf16 training step. Here one 64-bit draw of ``torch.randint`` gives four 16-bit lanes, and an element is kept when its
-lane is at or above ``round(p * 2**16)`` of the 65536 values: the drop probability is ``p``
+share of a small model's bf16 training step. Here one 64-bit draw of ``torch.randint`` gives four
+16-bit lanes, and an element is kept when its lane is at or above ``round(p * 2**16)`` of the 65536 values: the drop probability is ``p``
 rounded to 1/65536 (0.1 -> 0.100006), and the kept values are scaled by the inverse of the exact
 keep probability, so the expectation is unchanged. The mask is stored as bool (1 byte per element;
 ``F.dropout`` keeps one of the input's dtype) and applied with ``masked_fill`` both ways.

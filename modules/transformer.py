@@ -278,10 +278,11 @@ class MultiheadAttention(nn.Module):
         cache, where a step's few queries per (row, head) make SDPA's fused CPU kernel pay its
         per-head overhead for little work, and the matmuls read the cache's contiguous keys/values as
         they are), on CPU for reduced precision, where SDPA's bf16 kernels (forward + backward) run
-        slower than the two matmuls (measured in docs/results.md), and for attention dropout, which sends SDPA to its math
-        path with a bernoulli_ mask (modules/dropout.py). It holds ``[B, H, T, S]`` scores, so beyond
-        ``ATTENTION_SCORE_BUDGET`` bytes SDPA runs where its kernel is memory-efficient, else the
-        explicit computation in blocks (:func:`attention_path`): memory linear in T and S."""
+        slower than the two matmuls (measured in docs/results.md), and for attention dropout, which
+        sends SDPA to its math path with a bernoulli_ mask (modules/dropout.py). It holds
+        ``[B, H, T, S]`` scores, so beyond ``ATTENTION_SCORE_BUDGET`` bytes SDPA runs where its kernel
+        is memory-efficient, else the explicit computation in blocks (:func:`attention_path`): memory
+        linear in T and S."""
         drop = self.dropout if self.training else 0.0
         path = attention_path(q, k, v, attn_mask, is_causal, drop, prefer_explicit=explicit,
                               keys_transposed=keys_transposed, need_weights=need_weights)

@@ -8,7 +8,10 @@ from modules.transformer import Seq2SeqTransformer
 @pytest.fixture(params=[False, True], ids=["post-norm", "pre-norm"])
 def model(request):
     torch.manual_seed(0)
-    return Seq2SeqTransformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64, dropout=0.0, norm_first=request.param).eval()
+    return Seq2SeqTransformer(
+        d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64, dropout=0.0,
+        norm_first=request.param,
+    ).eval()
 
 
 def test_decode_returns_every_layer(model):
@@ -76,7 +79,10 @@ def test_causal_mask_hides_the_future(model):
 @pytest.mark.parametrize("every_layer", [False, True])
 def test_cached_decoding_equals_uncached(every_layer):
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64, dropout=0.0, pos_at_every_layer=every_layer).eval()
+    model = Seq2SeqTransformer(
+        d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64, dropout=0.0,
+        pos_at_every_layer=every_layer,
+    ).eval()
     memory = model.encode(torch.randn(2, 5, 32), sinusoidal_positions(5, 32))
     tgt = torch.randn(2, 6, 32)
     pos = sinusoidal_positions(6, 32)
@@ -94,7 +100,10 @@ def test_cache_grows_past_its_buffer_and_follows_a_reorder():
     """Keys are written into a buffer that is reallocated when full (16, then 2n+1 slots): 40 steps
     cross several reallocations; reordering rows mid-way (beam search) moves each row's history."""
     torch.manual_seed(1)
-    model = Seq2SeqTransformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32, dropout=0.0, norm_first=True).eval()
+    model = Seq2SeqTransformer(
+        d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32, dropout=0.0,
+        norm_first=True,
+    ).eval()
     memory = model.encode(torch.randn(3, 4, 16))
     tgt = torch.randn(3, 40, 16)
     order = torch.tensor([2, 0, 0])
@@ -121,7 +130,10 @@ def test_memory_shared_by_consecutive_query_rows(cached):
     """Memory with B rows and queries with g * B rows: each memory row serves g consecutive rows (a
     sentence's beams), exactly as if it were repeated, cross-attention weights included."""
     torch.manual_seed(2)
-    model = Seq2SeqTransformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64, dropout=0.0, norm_first=True).eval()
+    model = Seq2SeqTransformer(
+        d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64, dropout=0.0,
+        norm_first=True,
+    ).eval()
     memory = model.encode(torch.randn(2, 5, 32), src_padding_mask=torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
     mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     tgt = torch.randn(6, 4, 32)  # 3 rows per memory row
