@@ -145,7 +145,7 @@ class _NextTokenScorer:
     """Next-token log-probabilities (or, with ``raw``, logits) for a batch of prefixes, with or
     without the KV cache."""
 
-    def __init__(self, model: Any, memory: Tensor, memory_padding_mask: Tensor | None, src: Tensor,
+    def __init__(self, model: Any, memory: Tensor, memory_padding_mask: Tensor | None, src: Tensor, *,
                  use_cache: bool, raw: bool = False) -> None:
         self.model, self.memory, self.mask, self.src = model, memory, memory_padding_mask, src
         self.cache = model.init_cache() if use_cache else None
@@ -268,7 +268,7 @@ def _autoregressive(
         return out[:, :0]
     memory = model.encode(src, src_padding_mask)
     # without a user processor only the argmax / softmax of the scores matter: raw logits serve
-    stepper = _NextTokenScorer(model, memory, src_padding_mask, src, use_cache, raw=logits_processor is None)
+    stepper = _NextTokenScorer(model, memory, src_padding_mask, src, use_cache=use_cache, raw=logits_processor is None)
     active = torch.arange(batch, device=device)  # original row of each live row
     prefix = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
     used = 0
@@ -389,11 +389,12 @@ def beam_search(
         return []
     limits = max_lengths(model, src, src_padding_mask, max_len_a=max_len_a, max_len_b=max_len_b,
                          max_len_cap=max_len_cap)
-    rules = _BeamRules(k, n_best, eos_id, length_penalty, early_stopping, limits.tolist())
+    rules = _BeamRules(k=k, n_best=n_best, eos_id=eos_id, length_penalty=length_penalty,
+                       early_stopping=early_stopping, limits=limits.tolist())
     # one copy of the encoder output (and cross-attention cache) per sentence: the decoder's
     # cross-attention reads it for the sentence's K beams at once (modules.transformer), and a
     # reordering of beams moves only the self-attention caches
-    scorer = _NextTokenScorer(model, model.encode(src, src_padding_mask), src_padding_mask, src, use_cache)
+    scorer = _NextTokenScorer(model, model.encode(src, src_padding_mask), src_padding_mask, src, use_cache=use_cache)
     beams = _Beams.start(batch, k, bos_id, src.device)
     finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
     for step in range(int(limits.max())):
@@ -448,7 +449,7 @@ def _top_extensions(scores: Tensor, log_probs: Tensor, k: int) -> tuple[Tensor, 
     return top_scores, top_index // vocab, top_index % vocab
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _BeamRules:
     """Beam search's settings and its rules for finished hypotheses, next beams and stopping."""
 
@@ -537,7 +538,8 @@ def nat_decode(
     memory = model.encode(src, src_padding_mask)
     lengths = _length_candidates(model, memory, src_padding_mask, length_beam)  # [B * beam]
     beam = lengths.numel() // batch if batch else 1
-    predict = _MaskPredictor(model, memory, src_padding_mask, src, lengths, beam, mask_id, eos_id, pad_id)
+    predict = _MaskPredictor(model, memory, src_padding_mask, src, lengths=lengths, beam=beam, mask_id=mask_id,
+                             eos_id=eos_id, pad_id=pad_id)
     tokens, confidence = predict(predict.all_masked())
     for i in range(1, iterations):
         remask = predict.least_confident(confidence, iterations - i, iterations)
@@ -574,7 +576,7 @@ class _MaskPredictor:
     """One parallel decoder pass over ``N`` candidate rows (a sentence's length candidates share its
     source): every position's most likely token and its log-prob, pad and the mask token banned."""
 
-    def __init__(self, model: Any, memory: Tensor, memory_padding_mask: Tensor | None, src: Tensor,
+    def __init__(self, model: Any, memory: Tensor, memory_padding_mask: Tensor | None, src: Tensor, *,
                  lengths: Tensor, beam: int, mask_id: int, eos_id: int, pad_id: int) -> None:
         rows = torch.arange(src.shape[0], device=src.device).repeat_interleave(beam)
         self.model, self.memory, self.src = model, memory.index_select(0, rows), src.index_select(0, rows)

@@ -68,7 +68,7 @@ class DETRHead(nn.Module):
         return logits.sigmoid() if self.sigmoid_classes else logits.softmax(-1)[..., :-1]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Denoising:
     """Noised copies of the ground truth fed to the decoder (DN-DETR, DINO's contrastive variant).
 
@@ -127,7 +127,7 @@ def make_denoising_queries(
     xyxy = (box_convert(boxes, "cxcywh", "xyxy") + sign * magnitude * half * box_noise).clamp(0.0, 1.0)
     noised = box_convert(xyxy, "xyxy", "cxcywh")
     noised[..., 2:] = noised[..., 2:].clamp(min=1e-3)
-    return Denoising(labels.flatten(1), noised.flatten(1, 3), groups, copies, n_max)
+    return Denoising(labels=labels.flatten(1), boxes=noised.flatten(1, 3), groups=groups, copies=copies, n_max=n_max)
 
 
 def _padded_targets(targets: list[dict[str, Tensor]], num_classes: int, n_max: int) -> tuple[Tensor, Tensor]:

@@ -189,7 +189,7 @@ def _check_positions(hf: dict[str, Tensor], positions: Tensor, where: str) -> No
             raise ValueError(f"{where}: {key} is not the sinusoidal table (sines then cosines) this model computes")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MarianSource:
     """A Marian folder opened for :class:`TranslationModel` (``init_from``)."""
 
@@ -200,7 +200,7 @@ class MarianSource:
     @classmethod
     def open(cls, ref: str | os.PathLike) -> MarianSource:
         folder = resolve_source(ref)
-        return cls(str(ref), folder, read_config(folder, str(ref)))
+        return cls(ref=str(ref), folder=folder, config=read_config(folder, str(ref)))
 
     def architecture(self, given: dict[str, Any]) -> dict[str, Any]:
         """``given`` settings with the source's architecture laid over them; each replaced value is

@@ -631,7 +631,7 @@ def test_raw_logits_path_gives_the_log_prob_paths_tokens():
     from modules.decoding import _NextTokenScorer
 
     memory = model.encode(src, mask)
-    assert _NextTokenScorer(model, memory, mask, src, True, raw=True).options == {"output": "logits"}  # the raw path runs
+    assert _NextTokenScorer(model, memory, mask, src, use_cache=True, raw=True).options == {"output": "logits"}  # the raw path runs
     assert torch.equal(greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD),
                        greedy_decode(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, logits_processor=identity))
     for kw in ({"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8}):
