@@ -425,6 +425,8 @@ def build_detr(
     dn_groups: int = 0, dn_label_noise: float = 0.5, dn_box_noise: float = 0.4, dn_contrastive: bool = True,
     # whole-model weights
     init_from: str | None = None, init_strict: bool = True,
+    # an existing transformer to use instead of building one (a multitask run's view of its shared one)
+    transformer: nn.Module | None = None,
 ) -> DETR:
     """DETR from plain settings (the ``model`` config group). Defaults are the DETR-R50 paper setting
     (every convergence switch off, DETR's sine positions: ``position_offset`` 0).
@@ -447,7 +449,7 @@ def build_detr(
         frozen_bn=frozen_bn, trainable_layers=trainable_layers, stride=stride, fuse_frozen_bn=fuse_frozen_bn,
         channels_last=channels_last, position_offset=arch["position_offset"],
     )
-    transformer = Seq2SeqTransformer(
+    transformer = transformer or Seq2SeqTransformer(
         d_model=arch["d_model"], nhead=arch["nhead"], num_encoder_layers=arch["num_encoder_layers"],
         num_decoder_layers=arch["num_decoder_layers"], dim_feedforward=arch["dim_feedforward"], dropout=dropout,
         norm_first=arch["norm_first"], activation=arch["activation"],

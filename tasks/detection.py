@@ -32,16 +32,21 @@ class DetectionTask(BaseTask):
         eos_coef: weight of the no-object class in the classification loss (``ce`` only).
         loss_ce, loss_bbox, loss_giou: loss weights (applied to every decoder layer).
         top_k: detections kept per image for evaluation.
+        transformer: an existing transformer for the model to use instead of building its own (the
+            multitask run passes its view of the shared one; the model config's transformer sizes are
+            then not used).
         **optim: optimizer / schedule settings of :class:`tasks.base.BaseTask`.
     """
 
     task_name = "detection"
+    positions_at_every_layer = True  # DETR-style positions in every layer (else once at the input)
 
     def __init__(
         self,
         *,
         model: dict,
         data_info: dict,
+        transformer: nn.Module | None = None,
         class_loss: str = "ce",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -56,14 +61,15 @@ class DetectionTask(BaseTask):
         **optim,
     ) -> None:
         super().__init__(**optim)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["transformer"])
         self.data_info = data_info
         if class_loss not in ("ce", "focal"):
             raise ValueError(f"task.class_loss must be 'ce' or 'focal', got {class_loss!r}")
         focal = class_loss == "focal"
         if "sigmoid_classes" in model:
             raise ValueError("set task.class_loss (ce|focal) instead of model.sigmoid_classes")
-        self.model = build_detr(num_classes=data_info["num_classes"], sigmoid_classes=focal, **model)
+        self.model = build_detr(num_classes=data_info["num_classes"], sigmoid_classes=focal, transformer=transformer,
+                                **model)
         # weights sources are read once: the checkpoint keeps the architecture built (settings left null
         # come from model.init_from's source) and no source, so that it rebuilds without them
         self.hparams["model"] = {**model, **self.model.settings, "init_from": None, "pretrained_backbone": None}

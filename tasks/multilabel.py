@@ -84,16 +84,21 @@ class MultiLabelTask(BaseTask):
         num_samples: validation images logged to W&B each epoch (image, true and predicted labels).
         decoding: the ``decoding`` config group: settings of :func:`modules.decoding.generate` for the
             sequence decoder (strategy greedy|beam|sample, beam_size, use_cache).
+        transformer: an existing transformer for the model to use instead of building its own (the
+            multitask run passes its view of the shared one; the model config's transformer sizes are
+            then not used).
         **optim: optimizer / schedule settings of :class:`tasks.base.BaseTask`.
     """
 
     task_name = "multilabel"
+    positions_at_every_layer = True  # DETR-style positions in every layer (else once at the input)
 
     def __init__(
         self,
         *,
         model: dict,
         data_info: dict,
+        transformer: nn.Module | None = None,
         decoding: dict | None = None,
         loss: str = "asl",
         gamma_neg: float = 4.0,
@@ -104,7 +109,7 @@ class MultiLabelTask(BaseTask):
         **optim,
     ) -> None:
         super().__init__(**optim)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["transformer"])
         model = dict(model)
         self.decoding = dict(decoding or {})
         check_settings(self.decoding, "decoding")
@@ -115,7 +120,7 @@ class MultiLabelTask(BaseTask):
         if model.get("decoder", "parallel") == "sequence":
             counts = data_info.get("label_counts") or [0] * num_classes
             order = sorted(range(num_classes), key=lambda c: (-counts[c], c))  # most frequent first
-        self.model = build_multilabel(num_classes=num_classes, label_order=order, **model)
+        self.model = build_multilabel(num_classes=num_classes, label_order=order, transformer=transformer, **model)
         self.is_sequence = isinstance(self.model, LabelSequenceModel)
         if loss not in ("asl", "bce"):
             raise ValueError(f"task.loss must be 'asl' or 'bce', got {loss!r}")

@@ -1,10 +1,10 @@
 """Several tasks trained together on ONE Seq2SeqTransformer: detection, multi-label, translation.
 
-``MultiTask`` builds each child task (``DetectionTask``, ``MultiLabelTask``, ``TranslationTask``) from
-its own settings exactly as the single-task run would, builds one shared ``Seq2SeqTransformer`` from
-``model.shared``, and replaces every child model's ``transformer`` with a
-:class:`modules.multitask.TaskTransformer` over it (task embedding + the task's position
-convention). Each child keeps its adapter, queries, head, loss and metrics.
+``MultiTask`` builds one shared ``Seq2SeqTransformer`` from ``model.shared``, then each child task
+(``DetectionTask``, ``MultiLabelTask``, ``TranslationTask``) from its own settings as the single-task run
+would, handing its model a :class:`modules.multitask.TaskTransformer` over the shared one (task
+embedding + the task's position convention) instead of a transformer of its own. Each child keeps its
+adapter, queries, head, loss and metrics.
 
 Training: every step is one task's batch, ``(task name, batch)`` from
 ``datamodules.multitask.MultiTaskDataModule`` (round-robin or weighted order); the parent runs that
@@ -49,8 +49,8 @@ class MultiTask(BaseTask):
 
     Args:
         model: ``shared`` (arguments of :class:`modules.transformer.Seq2SeqTransformer`) and one entry per
-            task: that task's ``model`` config (its ``d_model`` must equal the shared one; its own
-            transformer sizes are not used, the shared transformer replaces it).
+            task: that task's ``model`` config (its ``d_model`` must equal the shared one; it gets the
+            shared transformer instead of one of its own, so transformer sizes there are not used).
         data_info: one entry per task, from ``MultiTaskDataModule.data_info``; its order is the order of
             the validation/test loaders.
         tasks: one entry per task: the task class's settings (loss, matching, metrics; ``lr`` and
@@ -102,16 +102,15 @@ class MultiTask(BaseTask):
         self.loss_weights = {name: float(loss_weights.get(name, 1.0)) for name in self.task_names}
         self.transformer = Seq2SeqTransformer(**shared_cfg)
         for name in self.task_names:
-            child = TASKS[name](model=model[name], data_info=data_info[name], **tasks[name])
-            own = child.model.transformer
-            if own.d_model != self.transformer.d_model:
+            width = model[name].get("d_model")
+            if width is not None and width != self.transformer.d_model:
                 raise ValueError(
-                    f"model.{name}.d_model={own.d_model} differs from model.shared.d_model="
+                    f"model.{name}.d_model={width} differs from model.shared.d_model="
                     f"{self.transformer.d_model}: the task's adapter and head must match the shared width"
                 )
-            child.model.transformer = TaskTransformer(
-                shared=self.transformer, pos_at_every_layer=own.pos_at_every_layer, embed=task_embedding
-            )
+            view = TaskTransformer(shared=self.transformer, pos_at_every_layer=TASKS[name].positions_at_every_layer,
+                                   embed=task_embedding)
+            child = TASKS[name](model=model[name], data_info=data_info[name], transformer=view, **tasks[name])
             child.log_through(self, name)
             setattr(self, name, child)  # a direct child: Lightning hands it the trainer
         self._logged: dict[str, Tensor] = {}

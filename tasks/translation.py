@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
 
@@ -67,15 +67,20 @@ class TranslationTask(BaseTask):
             greedy|beam|sample|nat, beam_size, ...) for the test split, ``eval.py`` and ``predict.py``,
             plus ``validation``: settings laid over them for validation during training (e.g.
             ``{strategy: greedy}`` under a beam-5 test).
+        transformer: an existing transformer for the model to use instead of building its own (the
+            multitask run passes its view of the shared one; the model config's transformer sizes are
+            then not used).
     """
 
     task_name = "translation"
+    positions_at_every_layer = False  # DETR-style positions in every layer (else once at the input)
 
     def __init__(
         self,
         *,
         model: dict,
         data_info: dict,
+        transformer: nn.Module | None = None,
         mode: str = "autoregressive",
         decoding: dict | None = None,
         label_smoothing: float = 0.1,
@@ -88,7 +93,7 @@ class TranslationTask(BaseTask):
         **optim,
     ) -> None:
         super().__init__(**optim)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["transformer"])
         if mode not in ("autoregressive", "nat"):
             raise ValueError(f"task.mode must be 'autoregressive' or 'nat', got {mode!r}")
         self.mode = mode
@@ -99,7 +104,7 @@ class TranslationTask(BaseTask):
         sizes = {"vocab_size": data_info["vocab_size"], "pad_id": self.pad_id}
         if data_info.get("tgt_vocab_size") is not None:
             sizes["tgt_vocab_size"] = data_info["tgt_vocab_size"]
-        self.model = TranslationModel(**sizes, **model)
+        self.model = TranslationModel(**sizes, transformer=transformer, **model)
         if model.get("init_from") is not None:  # read once: the checkpoint keeps what the source stated
             settings = {k: v for k, v in self.model.settings.items() if k not in sizes}
             self.hparams["model"] = {**self.hparams["model"], **settings, "init_from": None}
