@@ -44,6 +44,32 @@ TASKS: dict[str, type[BaseTask]] = {
 SCORES: dict[str, tuple[str, float]] = {"detection": ("mAP", 1.0), "multilabel": ("mAP", 1.0), "translation": ("BLEU", 0.01)}
 
 
+def check_multitask_settings(shared: dict | None, model: dict, data_info: dict, tasks: dict, named: set[str],
+                             loss_weights: dict) -> None:
+    """One-line ``ValueError`` for a multitask config that cannot be built: no shared transformer, an
+    unknown task, a task without data / settings / model config, a loss weight of no task, or a task
+    model whose width differs from the shared one."""
+    if shared is None:
+        raise ValueError("model.shared (the shared Seq2SeqTransformer's sizes) is missing")
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} in task.tasks; known: {sorted(TASKS)}")
+    if not tasks or set(tasks) != set(data_info):
+        raise ValueError(f"task.tasks has {sorted(tasks)} but the data module provides {sorted(data_info)}: "
+                         "every task needs its data (data.<task>) and its settings (task.tasks.<task>)")
+    missing = sorted(set(tasks) - set(model))
+    if missing:
+        raise ValueError(f"no model config for task(s) {missing}: set model.<task>")
+    extra = sorted(set(loss_weights) - named)
+    if extra:
+        raise ValueError(f"task.loss_weights names {extra}, which are not in task.tasks ({sorted(named)})")
+    for name in tasks:
+        width = model[name].get("d_model")
+        if width is not None and width != shared.get("d_model"):
+            raise ValueError(f"model.{name}.d_model={width} differs from model.shared.d_model={shared.get('d_model')}: "
+                             "the task's adapter and head must match the shared width")
+
+
 class MultiTask(BaseTask):
     """Detection + multi-label + translation (any non-empty subset) on one shared Transformer.
 
@@ -80,34 +106,11 @@ class MultiTask(BaseTask):
         tasks = {k: v for k, v in tasks.items() if v is not None}
         model = dict(model)
         shared_cfg = model.pop("shared", None)
-        if shared_cfg is None:
-            raise ValueError("model.shared (the shared Seq2SeqTransformer's sizes) is missing")
-        unknown = sorted(set(tasks) - set(TASKS))
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown} in task.tasks; known: {sorted(TASKS)}")
-        if not tasks or set(tasks) != set(data_info):
-            raise ValueError(
-                f"task.tasks has {sorted(tasks)} but the data module provides {sorted(data_info)}: "
-                "every task needs its data (data.<task>) and its settings (task.tasks.<task>)"
-            )
-        missing = sorted(set(tasks) - set(model))
-        if missing:
-            raise ValueError(f"no model config for task(s) {missing}: set model.<task>")
-        loss_weights = dict(loss_weights or {})
-        extra = sorted(set(loss_weights) - named)
-        if extra:
-            raise ValueError(f"task.loss_weights names {extra}, which are not in task.tasks ({sorted(named)})")
-
+        check_multitask_settings(shared_cfg, model, data_info, tasks, named, loss_weights or {})
         self.task_names: list[str] = list(data_info)
-        self.loss_weights = {name: float(loss_weights.get(name, 1.0)) for name in self.task_names}
+        self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in self.task_names}
         self.transformer = Seq2SeqTransformer(**shared_cfg)
         for name in self.task_names:
-            width = model[name].get("d_model")
-            if width is not None and width != self.transformer.d_model:
-                raise ValueError(
-                    f"model.{name}.d_model={width} differs from model.shared.d_model="
-                    f"{self.transformer.d_model}: the task's adapter and head must match the shared width"
-                )
             view = TaskTransformer(shared=self.transformer, pos_at_every_layer=TASKS[name].positions_at_every_layer,
                                    embed=task_embedding)
             child = TASKS[name](model=model[name], data_info=data_info[name], transformer=view, **tasks[name])
