@@ -22,6 +22,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from datamodules.coco import coco_from_dict
+
 # COCOeval.stats order
 STAT_KEYS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
@@ -47,15 +49,7 @@ def ground_truth_coco(data: dict[str, Any] | COCO) -> COCO:
         if a.get("id") is None:
             a["id"], next_id = next_id, next_id + 1
         fixed["annotations"].append(a)
-    return _index(fixed)
-
-
-def _index(dataset: dict[str, Any]) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    return coco_from_dict(fixed)
 
 
 def results_coco(gt: COCO, detections: Sequence[dict[str, Any]]) -> COCO:
@@ -65,7 +59,7 @@ def results_coco(gt: COCO, detections: Sequence[dict[str, Any]]) -> COCO:
         x, y, w, h = (float(v) for v in d["bbox"])
         anns.append({"id": i, "image_id": d["image_id"], "category_id": d["category_id"], "bbox": [x, y, w, h],
                      "score": float(d["score"]), "area": w * h, "iscrowd": 0})
-    return _index({"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
+    return coco_from_dict({"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
                    "annotations": anns})
 
 
