@@ -48,6 +48,7 @@ def real_batch(predictor) -> dict:
 
 @pytest.mark.parametrize("class_loss,model", [("focal", CPU_DEFAULT), ("ce", {**CPU_DEFAULT, "anchor_queries": False,
                          "box_refine": False, "num_groups": 1, "two_stage": False})], ids=["cpu-default", "original"])
+@pytest.mark.slow
 def test_detection_onnx_equals_pytorch_on_real_images(tmp_path, class_loss, model):
     torch.manual_seed(0)
     ckpt = save(DetectionTask(model=model, data_info=INFO, class_loss=class_loss, top_k=20), tmp_path / "d.ckpt",
@@ -78,6 +79,7 @@ def test_detection_onnx_equals_pytorch_on_real_images(tmp_path, class_loss, mode
     assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406] and json.loads(meta["std"]) == [0.229, 0.224, 0.225]
 
 
+@pytest.mark.slow
 def test_raw_heads_and_fixed_size(tmp_path):
     torch.manual_seed(0)
     ckpt = save(DetectionTask(model=CPU_DEFAULT, data_info=INFO, class_loss="focal"), tmp_path / "d.ckpt", "detection")
@@ -94,6 +96,7 @@ def test_raw_heads_and_fixed_size(tmp_path):
     assert (torch.from_numpy(boxes) - out["pred_boxes"]).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_multilabel_onnx_scores_equal_pytorch(tmp_path):
     torch.manual_seed(0)
     model = {k: v for k, v in CPU_DEFAULT.items() if k not in ("anchor_queries", "box_refine", "num_groups",

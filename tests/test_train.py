@@ -15,12 +15,14 @@ from tests.conftest import run_train_script
 from train import train
 
 
+@pytest.mark.slow
 def test_fast_dev_run_detection(make_cfg):
     metrics = train(make_cfg("trainer.fast_dev_run=true", "logger=csv"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert {"val/mAP", "val/mAP_50", "val/mAP_75", "test/mAP"} <= set(metrics)
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_that_load_weights_only(make_cfg, tmp_path, caplog):
     cfg = make_cfg("logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
     with caplog.at_level(logging.INFO, logger="mtdetr"):
@@ -39,6 +41,7 @@ def test_run_writes_checkpoints_that_load_weights_only(make_cfg, tmp_path, caplo
     assert (tmp_path / "outputs" / "detection" / "run1" / "predictions" / "epoch000.png").is_file()
 
 
+@pytest.mark.slow
 def test_resume_continues_epoch_step_and_wandb_run(make_cfg, tmp_path):
     common = ["logger=wandb", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
     train(make_cfg(*common, "trainer.max_epochs=1", run="first"))
@@ -56,6 +59,7 @@ def test_resume_continues_epoch_step_and_wandb_run(make_cfg, tmp_path):
     assert any(run_id in name for name in os.listdir(tmp_path / "outputs/detection/second/wandb"))
 
 
+@pytest.mark.slow
 def test_misspelled_keys_are_errors(make_cfg, tmp_path):
     with pytest.raises(ConfigCompositionException, match="max_epoch"):
         make_cfg("trainer.max_epoch=1")
@@ -76,6 +80,7 @@ def test_misspelled_keys_are_errors(make_cfg, tmp_path):
         train(make_cfg("+data.batchsize=1", "logger=none", "trainer.fast_dev_run=true"))
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_paths_are_explained(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint matches"):
         train(make_cfg("ckpt_path=last", "logger=none"))
@@ -111,6 +116,7 @@ def _ddp_paths(tmp_path, run) -> list[str]:
     return [f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]
 
 
+@pytest.mark.slow
 def test_ddp_cpu_two_processes(tmp_path):
     """`trainer=ddp_cpu`: two gloo processes train, validate and write one set of checkpoints."""
     run = tmp_path / "run"
@@ -190,6 +196,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel())
 
 
+@pytest.mark.slow
 def test_resume_at_epoch_end_is_exact(make_cfg, tmp_path):
     """2 epochs straight == 1 epoch + resume for 1 (data order, flips, dropout RNG, AdamW, LR schedule)."""
     out = tmp_path / "outputs" / "detection"
@@ -204,6 +211,7 @@ def test_resume_at_epoch_end_is_exact(make_cfg, tmp_path):
     assert _max_diff(straight, _weights(out / "half/checkpoints/last.ckpt")) > 1e-3
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_saves_and_resume_is_exact(make_cfg, tmp_path, cache_dir):
     """SIGTERM to a real `python train.py`: it saves after the current step, exits 143 printing the resume
     command; resuming from that (mid-epoch) checkpoint ends with the same weights as an uninterrupted run."""
@@ -240,6 +248,7 @@ def test_sigterm_mid_run_saves_and_resume_is_exact(make_cfg, tmp_path, cache_dir
     assert _max_diff(_weights(out / "straight/checkpoints/last.ckpt"), resumed["state_dict"]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_without_overwriting_checkpoints(make_cfg, tmp_path):
     from train import TrainingDiverged
 

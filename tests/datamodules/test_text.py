@@ -562,6 +562,7 @@ def test_trainer_reshuffles_every_epoch(corpus: Path, tmp_path: Path) -> None:
     assert [i for b in sampler for i in b] == orders[2]
 
 
+@pytest.mark.slow
 def test_shipped_multi30k_loads(tmp_path_factory: pytest.TempPathFactory) -> None:
     readme = MULTI30K_DIR / "README.md"
     assert readme.is_file() and "non-commercial" in readme.read_text()

@@ -45,6 +45,7 @@ def test_trainable_layers_freeze_the_rest():
     assert trainable == {"7"}  # layer4 is the 8th module of the body
 
 
+@pytest.mark.slow
 def test_local_weights_load_and_bad_files_are_explained(tmp_path):
     ref = torchvision.models.resnet18(weights=None)
     path = tmp_path / "r18.pth"

@@ -373,6 +373,7 @@ def copier(request):
     return model.eval(), reverse, acc, step
 
 
+@pytest.mark.slow
 def test_learns_to_copy_and_reverse_with_greedy_decoding(copier):
     model, reverse, acc, steps = copier
     assert acc >= 0.9 and steps <= 600
@@ -390,6 +391,7 @@ def test_trained_copier_beam_and_cache(copier):
     assert exact_match(pad_hypotheses([h[0][0] for h in beams], PAD), tgt) >= exact_match(greedy, tgt) - 0.05
 
 
+@pytest.mark.slow
 def test_guided_attention_makes_a_trained_models_alignment_monotonic():
     """Two copiers trained alike, one with the guided-attention loss (weight 1): the last decoder
     layer's cross-attention of the guided one keeps far less mass off the diagonal on fresh
@@ -448,6 +450,7 @@ def nat_copier():
     return model.eval()
 
 
+@pytest.mark.slow
 def test_nat_decode_copies_with_right_lengths(nat_copier):
     src, pad, lengths, tgt = copy_batch(200, torch.Generator().manual_seed(77))
     out = nat_decode(nat_copier, src, pad, mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -559,6 +562,7 @@ def test_packed_weights_do_not_change_the_decoded_tokens(copy, monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("broken", ["missing_reorder", "missing_linear", "raising_reorder", "raising_linear",
                                     "raising_mid_run"])
+@pytest.mark.slow
 def test_decoding_without_the_private_ops_gives_the_same_tokens(broken, precision, monkeypatch):
     """Each oneDNN op taken away (missing, or raising as on a CPU without the instructions, in the
     availability trial or only later, mid-decoding): greedy and beam decoding fall back to F.linear

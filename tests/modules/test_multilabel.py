@@ -189,6 +189,7 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(multilabel_average_precision(scores, labels.long(), num_labels=labels.shape[1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["parallel", "sequence"])
 def test_tiny_model_learns_an_easy_multilabel_task(decoder):
     """Both decoders reach mAP >= 0.95 on held-out images within 150 steps (a few seconds)."""

@@ -97,6 +97,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in ("pred_logits", "pred_boxes"))
 
 
+@pytest.mark.slow
 def test_upstream_names_and_shapes_map_onto_every_tensor(tmp_path):
     """A state dict with exactly the original R50 checkpoint's names and shapes fills every tensor of
     build_detr's default model, each value where it belongs."""
@@ -151,6 +152,7 @@ def test_original_r50_checkpoint_computes_what_the_original_computes(tmp_path):
             assert max_diff(a, b) <= 1e-4
 
 
+@pytest.mark.slow
 def test_original_checkpoint_with_args_namespace_and_r101_settings(tmp_path):
     """Original files may pickle their argparse ``args``: exactly that class is allowed, and its
     settings are used (R101 here, stated only by the weights and args)."""

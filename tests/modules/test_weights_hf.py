@@ -78,6 +78,7 @@ def compare(hf_model, ours) -> float:
                (theirs.pred_boxes - out["pred_boxes"]).abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("timm", [True, False], ids=["timm-backbone", "hf-resnet-backbone"])
 def test_hf_folder_computes_what_transformers_computes(tmp_path, timm):
     hf_model = hf_detr(tmp_path / "detr", timm=timm)

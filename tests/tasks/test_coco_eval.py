@@ -179,6 +179,7 @@ def _rank(rank: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_coco_metric_syncs_uneven_ranks_like_one_process():
     data = crowd_json()
     single = CocoDetectionMetric()

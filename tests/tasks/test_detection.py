@@ -53,6 +53,7 @@ def default_recipe() -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("recipe,bf16", [("original", False), ("default", True)],
                          ids=["original-fp32", "default-recipe-bf16-autocast"])
+@pytest.mark.slow
 def test_detr_overfits_two_images(tmp_path, recipe, bf16):
     """Set prediction learns: two images with 1-3 shapes each reach mAP@0.5 >= 0.9 within 300 steps,
     with DETR's original losses and queries in float32, and with the shipped recipe (focal loss, anchor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -36,6 +37,7 @@ def _rank(rank: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_map_syncs_uneven_ranks_like_one_process():
     preds, targets = _images(5, 0)
     single = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")

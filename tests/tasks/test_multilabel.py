@@ -66,6 +66,7 @@ def test_fast_dev_run_label_sequence(make_cfg):
     assert {"val/mAP", "val/CF1", "val/OF1", "test/mAP", "test/OF1"} <= set(metrics)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_reproduces_the_test_scores(make_cfg, tmp_path):
     """A checkpoint of the sequence model loads with weights_only=True and, on its own (label order
     from the stored data_info), gives the test scores that the run logged."""

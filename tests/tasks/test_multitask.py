@@ -50,6 +50,7 @@ SCORE_METRICS = {"detection/val/mAP", "multilabel/val/mAP", "translation/val/BLE
                  "detection/test/mAP", "multilabel/test/mAP", "translation/test/BLEU", "val/score", "test/score"}
 
 
+@pytest.mark.slow
 def test_fast_dev_run_multitask(make_cfg):
     """Three training steps (one per task, round-robin), every task's validation and test loader."""
     metrics = train(make_cfg(*TINY, "trainer.fast_dev_run=3", "logger=csv", tiny=False))
@@ -72,6 +73,7 @@ def _build(make_cfg, *overrides):
     return dm, task
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
 def test_every_task_loss_reaches_the_same_shared_parameters(make_cfg):
     torch.manual_seed(0)
@@ -113,6 +115,7 @@ def test_every_task_loss_reaches_the_same_shared_parameters(make_cfg):
         assert any(not torch.allclose(x, y) for x, y in zip(ga, gb))
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_exact_resume(make_cfg, tmp_path):
     """last.ckpt loads with weights_only=True into a MultiTask; 1 epoch + ckpt_path=last + 1 epoch
     gives the weights of 2 epochs straight (task order, each task's data position, optimizer, schedule)."""

@@ -29,12 +29,14 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_fast_dev_run_translation(make_cfg):
     metrics = train(make_cfg(*TINY, "trainer.fast_dev_run=true", "logger=csv", tiny=False))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert {"val/BLEU", "val/ppl", "test/BLEU", "test/ppl"} <= set(metrics)
 
 
+@pytest.mark.slow
 def test_translation_variants_run(make_cfg):
     """Each optional technique trains and evaluates: NAT + mask-predict, copy + guided attention +
     scheduled sampling, beam search, sampling."""
@@ -48,6 +50,7 @@ def test_translation_variants_run(make_cfg):
         assert torch.isfinite(torch.tensor(metrics["train/loss"])), extra
 
 
+@pytest.mark.slow
 def test_checkpoint_translates_without_the_data_module(make_cfg, tmp_path):
     cfg = make_cfg(*TINY, "logger=none", "trainer.max_epochs=1", "trainer.limit_val_batches=1", "test=false",
                    tiny=False)
@@ -132,6 +135,7 @@ def test_bleu_metric_matches_sacrebleu():
     assert abs(float(metric.compute()) * 100 - expected) < 1e-3
 
 
+@pytest.mark.slow
 def test_translation_resume_is_exact(make_cfg, tmp_path):
     """Token-bucket order, dropout RNG, AdamW and inverse-sqrt schedule survive a resume at an epoch end."""
     common = [*TINY, "model.dropout=0.1", "logger=none", "test=false", "trainer.limit_val_batches=1",
