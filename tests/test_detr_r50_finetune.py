@@ -31,6 +31,7 @@ def test_recipe_composes_with_detr_settings(make_cfg, tmp_path):
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
+@pytest.mark.slow
 def test_checkpointed_settings_rebuild_without_the_source(tmp_path):
     from tests.modules.test_weights_hf import hf_detr
 

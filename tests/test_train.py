@@ -284,6 +284,7 @@ def test_only_rank_zero_keeps_hydra_files():
     assert quiet_other_ranks(lightning_child, {"RANK": "1"}) == lightning_child
 
 
+@pytest.mark.slow
 def test_detr_original_recipes_verbatim_and_fair(make_cfg):
     """`experiment=detr_original_shapes` is DETR's recipe verbatim (frozen BN, stem and layer1 frozen, trunk
     LR 1e-5: settings for ImageNet weights); `detr_original_shapes_fair` differs from it only where a trunk

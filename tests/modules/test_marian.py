@@ -55,6 +55,7 @@ def cut(row: list[int]) -> list[int]:
     return row[: row.index(EOS) + 1] if EOS in row else row
 
 
+@pytest.mark.slow
 def test_tokenizer_ids_and_text_equal_marian_tokenizer(source):
     folder, _, tokenizer, _ = source
     vocab = MarianVocab.from_folder(folder)

@@ -174,6 +174,7 @@ def test_availability_is_decided_the_same_under_autocast(fresh):
         assert under_autocast == packed._ops_work(dtype)
 
 
+@pytest.mark.slow
 def test_an_owner_keeps_its_packed_weights_across_contexts_until_they_change(ops):
     x, w, b = _inputs(3)
     owner = torch.nn.Linear(1, 1)  # any weak-referenceable object: decoding passes the model

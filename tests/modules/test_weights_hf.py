@@ -90,6 +90,7 @@ def test_hf_folder_computes_what_transformers_computes(tmp_path, timm):
     assert diff <= 1e-4
 
 
+@pytest.mark.slow
 def test_pytorch_model_bin_and_config_contradictions(tmp_path):
     hf_model = hf_detr(tmp_path / "detr")
     sd = hf_model.state_dict()

@@ -48,6 +48,7 @@ def test_detector_predicts_plain_python_with_exif_orientation(tmp_path):
     assert all(s >= 0.99 for s in high[0]["scores"])
 
 
+@pytest.mark.slow
 def test_bf16_precision_runs_and_bad_settings_are_one_line_errors(tmp_path):
     write_checkpoint(tmp_path / "m.ckpt")
     detector = load(tmp_path / "m.ckpt", device="cpu", precision="bf16")
@@ -99,6 +100,7 @@ def test_weight_sources_are_dropped_at_any_depth_and_multitask_needs_a_task_name
         pick_task(FakeMulti(), None)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_position_offset_keeps_the_cell_centre_positions(tmp_path):
     write_checkpoint(tmp_path / "new.ckpt")
     ckpt = torch.load(tmp_path / "new.ckpt", weights_only=True)

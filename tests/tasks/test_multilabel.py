@@ -52,6 +52,7 @@ def test_scores_hand_computed():
     assert all(v.item() == pytest.approx(1.0) for v in metric.compute().values())
 
 
+@pytest.mark.slow
 def test_fast_dev_run_query2label(make_cfg):
     metrics = train(make_cfg(*TINY, "trainer.fast_dev_run=true", "logger=csv", "task.loss=bce", tiny=False))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -59,6 +60,7 @@ def test_fast_dev_run_query2label(make_cfg):
     assert expected <= set(metrics)
 
 
+@pytest.mark.slow
 def test_fast_dev_run_label_sequence(make_cfg):
     metrics = train(make_cfg(*TINY, "model.decoder=sequence", "decoding.strategy=beam",
                              "decoding.beam_size=2", "trainer.fast_dev_run=true", "logger=none", tiny=False))

@@ -179,6 +179,7 @@ def test_validation_decoding_applies_to_validation_only():
             TranslationTask(model=model, data_info=info, decoding=bad)
 
 
+@pytest.mark.slow
 def test_bleu_recipe_composes_and_runs_on_cpu(make_cfg):
     """experiment=transformer_multi30k_gpu (the >= 35 BLEU recipe) with trainer=cpu, shrunk: its keys
     are accepted and it trains, validates and tests (beam 5 on the test split, greedy validation)."""
