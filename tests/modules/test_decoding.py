@@ -382,6 +382,7 @@ def test_learns_to_copy_and_reverse_with_greedy_decoding(copier):
     assert exact_match(out, tgt) >= 0.9
 
 
+@pytest.mark.slow
 def test_trained_copier_beam_and_cache(copier):
     model, reverse = copier[:2]
     src, pad, _, tgt = copy_batch(64, torch.Generator().manual_seed(5), reverse)
@@ -462,6 +463,7 @@ def test_nat_decode_copies_with_right_lengths(nat_copier):
     assert float((tokens == src)[~pad].float().mean()) >= 0.9
 
 
+@pytest.mark.slow
 def test_mask_predict_does_not_lower_the_models_confidence(nat_copier):
     src, pad, _, _ = copy_batch(200, torch.Generator().manual_seed(78))
     runs = [nat_decode(nat_copier, src, pad, mask_id=MASK, eos_id=EOS, pad_id=PAD, iterations=n, return_scores=True) for n in (1, 2, 4)]
@@ -475,6 +477,7 @@ def test_mask_predict_does_not_lower_the_models_confidence(nat_copier):
     assert copied[2] >= copied[0]
 
 
+@pytest.mark.slow
 def test_nat_length_beam_picks_the_most_confident_candidate(nat_copier):
     src, pad, lengths, _ = copy_batch(50, torch.Generator().manual_seed(79))
     one, s1 = nat_decode(nat_copier, src, pad, mask_id=MASK, eos_id=EOS, pad_id=PAD, return_scores=True)

@@ -187,6 +187,7 @@ def test_fine_tuning_on_other_classes_keeps_the_no_object_row(tmp_path):
     torch.testing.assert_close(model.query_embed.weight, ref.query_embed.weight, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_contradictions_and_partial_loads_are_errors(tmp_path):
     reference_checkpoint(tmp_path / "detr.pth", "resnet18", num_encoder_layers=1, num_decoder_layers=1,
                          num_queries=10)
@@ -238,6 +239,7 @@ def test_our_checkpoint_loads_weights_and_settings(tmp_path):
         assert max_diff(expected, model(images, mask)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_torchvision_weights_enum_uses_the_cache_and_explains_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     ref = torchvision.models.resnet18(weights=None)

@@ -120,6 +120,7 @@ def hub_cache(root, repo: str, files: dict[str, bytes]) -> str:
     return commit
 
 
+@pytest.mark.slow
 def test_hub_source_uses_the_cache_offline_and_explains_a_miss(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
