@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--steps", nargs="*", type=int, default=[], help="global-step marks")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--list", action="store_true", help="print the recipes and exit")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every recipe (after --)")
     args = parser.parse_args()
     catalogue = recipes()
