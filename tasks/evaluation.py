@@ -160,7 +160,7 @@ def evaluate_translation(predictor: Predictor, datamodule: Any, split: str, out_
     from modules.decoding import check_settings
 
     task = predictor.task
-    settings = {**(task.val_decoding if split == "val" else {}), **(decoding or {})}
+    settings = task.split_decoding(split, decoding)
     check_settings({**task.decoding, **settings}, "decoding")
     if hasattr(datamodule, "use_tokenizer"):
         datamodule.use_tokenizer(task.tokenizer)  # the checkpoint's: the train split is not read

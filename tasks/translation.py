@@ -250,10 +250,14 @@ class TranslationTask(BaseTask):
             return self.tokenizer.encode_source(sentence)
         return self.tokenizer.encode(sentence, add_special_tokens=False).ids
 
+    def split_decoding(self, split: str, overrides: dict | None = None) -> dict:
+        """The decoding settings laid over ``self.decoding`` for ``split``: validation's own
+        (``decoding.validation``) on "val", then ``overrides``."""
+        return {**(self.val_decoding if split == "val" else {}), **(overrides or {})}
+
     def hypotheses(self, batch: dict, split: str = "val") -> list[str]:
         """Detokenised translations of a batch, decoded as ``split`` ("val" or "test") is."""
-        overrides = self.val_decoding if split == "val" else {}
-        out = self.translate_ids(batch["src"], batch["src_padding_mask"], **overrides)
+        out = self.translate_ids(batch["src"], batch["src_padding_mask"], **self.split_decoding(split))
         return [self.tokenizer.decode(x) if self.tokenizer else " ".join(map(str, x)) for x in out]
 
     def _eval_step(self, batch: dict, metric: SacreBLEUScore, prefix: str) -> None:
