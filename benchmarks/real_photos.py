@@ -60,6 +60,12 @@ def run_one(fmt: str, root: Path, minutes: float, every: float, extra: list[str]
     return {**result, "peak_rss_mib": round(max_rss_mib(), 1), "peak_worker_rss_mib": round(children, 1)}
 
 
+def child_env() -> dict[str, str]:
+    """This environment with the repository first on ``PYTHONPATH`` (what was there stays after it)."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def run_in_subprocess(fmt: str, root: Path, minutes: float, every: float, extra: list[str],
                       ckpt_dir: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", fmt, "--root", str(root), "--minutes", str(minutes),
@@ -68,7 +74,7 @@ def run_in_subprocess(fmt: str, root: Path, minutes: float, every: float, extra:
         cmd += ["--save-checkpoints", str(ckpt_dir)]
     cmd += ["--", *extra]
     print(f"format {fmt}: {' '.join(format_overrides(fmt, root) + extra)}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=child_env())
     if proc.returncode != 0:
         raise SystemExit(f"the {fmt} run failed (exit status {proc.returncode}); its log is above")
     return json.loads(proc.stdout.strip().splitlines()[-1])  # the child prints its JSON last

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .dtypes import at_least_float32
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, check_class_loss
 
 
 def num_boxes_across_processes(
@@ -31,9 +31,9 @@ def num_boxes_across_processes(
 class SetCriterion(nn.Module):
     """Matches predictions to targets and returns the **unweighted** loss terms.
 
-    ``loss_ce``: softmax head: cross entropy over all queries, unmatched queries labelled no-object
+    ``loss_ce``: softmax head (``class_loss="ce"``): cross entropy over all queries, unmatched queries labelled no-object
     (index C) and weighted by ``eos_coef``, the mean being the weighted mean; sigmoid head
-    (``sigmoid_classes=True``): sigmoid focal loss summed over queries and classes and divided by the number of
+    (``class_loss="focal"``): sigmoid focal loss summed over queries and classes and divided by the number of
     boxes (Deformable DETR). ``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU) are summed over matched
     pairs and divided by the number of target boxes.
 
@@ -50,18 +50,19 @@ class SetCriterion(nn.Module):
         num_classes: int,
         matcher: HungarianMatcher,
         eos_coef: float = 0.1,
-        sigmoid_classes: bool = False,
+        class_loss: str = "ce",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
         self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
-        self.sigmoid_classes, self.focal_alpha, self.focal_gamma = sigmoid_classes, focal_alpha, focal_gamma
+        self.class_loss = check_class_loss(class_loss)
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     def loss_labels(self, logits: Tensor, target_classes: Tensor, num_boxes: float) -> Tensor:
         """``logits`` [B, Q, C+1 or C]; ``target_classes`` [B, Q]: a class, C = no-object, -1 = ignored."""
         logits = at_least_float32(logits)  # half types in float32, float64 kept
-        if not self.sigmoid_classes:
+        if self.class_loss == "ce":
             weight = logits.new_ones(self.num_classes + 1)  # in the logits' dtype: eos_coef exact in float64
             weight[-1] = self.eos_coef
             return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, ignore_index=-1)

@@ -11,6 +11,7 @@ from torchvision.ops import box_convert
 
 from .backbone import ImageAdapter
 from .dtypes import at_least_float32
+from .matcher import check_class_loss
 from .position import sine_embed_boxes
 from .transformer import Seq2SeqTransformer
 from .weights import WeightSource, load_detr_weights, read_weights
@@ -38,17 +39,17 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 class DETRHead(nn.Module):
     """Per-query class logits and boxes ``[.., 4]`` (sigmoid cxcywh).
 
-    Softmax head (DETR): ``C + 1`` logits, the last one no-object. Sigmoid head (focal loss,
-    Deformable DETR): ``C`` independent logits, biased to a 1 % prior. With ``anchors`` (box logits,
+    Softmax head (``class_loss="ce"``, DETR): ``C + 1`` logits, the last one no-object. Sigmoid head
+    (``class_loss="focal"``, Deformable DETR): ``C`` independent logits, biased to a 1 % prior. With ``anchors`` (box logits,
     i.e. inverse-sigmoid cxcywh) the box branch predicts an offset from the anchor.
     """
 
-    def __init__(self, *, d_model: int, num_classes: int, sigmoid_classes: bool = False) -> None:
+    def __init__(self, *, d_model: int, num_classes: int, class_loss: str = "ce") -> None:
         super().__init__()
-        self.sigmoid_classes = sigmoid_classes
-        self.class_embed = nn.Linear(d_model, num_classes + (0 if sigmoid_classes else 1))
+        self.class_loss = check_class_loss(class_loss)
+        self.class_embed = nn.Linear(d_model, num_classes + (1 if class_loss == "ce" else 0))
         self.bbox_embed = MLP(in_dim=d_model, hidden_dim=d_model, out_dim=4, num_layers=3)
-        if sigmoid_classes:  # rare foreground at the start, as in RetinaNet / Deformable DETR
+        if class_loss == "focal":  # rare foreground at the start, as in RetinaNet / Deformable DETR
             nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
     def boxes(self, hs: Tensor, anchors: Tensor | None = None) -> Tensor:
@@ -65,7 +66,7 @@ class DETRHead(nn.Module):
     def class_probs(self, logits: Tensor) -> Tensor:
         """``[.., C]`` per-class probabilities of either head."""
         logits = at_least_float32(logits)
-        return logits.sigmoid() if self.sigmoid_classes else logits.softmax(-1)[..., :-1]
+        return logits.sigmoid() if self.class_loss == "focal" else logits.softmax(-1)[..., :-1]
 
 
 @dataclass(kw_only=True)
@@ -198,7 +199,8 @@ class DETR(nn.Module):
 
     The faster-converging variants of DETR's successors are switches (all off = the original DETR):
 
-    * ``sigmoid_classes``: per-class sigmoid logits for the focal loss (Deformable DETR);
+    * ``class_loss="focal"``: per-class sigmoid logits for the focal loss (Deformable DETR; ``"ce"``:
+      DETR's softmax with a no-object class);
     * ``anchor_queries``: each query is a learned content vector plus a learned anchor box whose sine
       embedding (through a small MLP) is the query position; boxes are predicted as offsets from the
       anchor (DAB-DETR);
@@ -222,7 +224,7 @@ class DETR(nn.Module):
         num_classes: int,
         num_queries: int = 100,
         aux_loss: bool = True,
-        sigmoid_classes: bool = False,
+        class_loss: str = "ce",
         anchor_queries: bool = False,
         box_refine: bool = False,
         num_groups: int = 1,
@@ -240,15 +242,15 @@ class DETR(nn.Module):
         d = transformer.d_model
         self.adapter, self.transformer = adapter, transformer
         self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
-        self.sigmoid_classes, self.anchors, self.box_refine = sigmoid_classes, anchors, box_refine
+        self.class_loss, self.anchors, self.box_refine = class_loss, anchors, box_refine
         self.num_groups, self.two_stage = num_groups, two_stage
         self.dn_groups, self.dn_label_noise, self.dn_box_noise = dn_groups, dn_label_noise, dn_box_noise
         self.dn_contrastive = dn_contrastive
-        self.head = DETRHead(d_model=d, num_classes=num_classes, sigmoid_classes=sigmoid_classes)
+        self.head = DETRHead(d_model=d, num_classes=num_classes, class_loss=class_loss)
         self._build_queries(d, num_queries * num_groups)
         if two_stage:
             self.enc_proj = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
-            self.enc_head = DETRHead(d_model=d, num_classes=num_classes, sigmoid_classes=sigmoid_classes)
+            self.enc_head = DETRHead(d_model=d, num_classes=num_classes, class_loss=class_loss)
         if dn_groups:
             self.label_embed = nn.Embedding(num_classes + 1, d)  # the last row: padding
 
@@ -420,7 +422,7 @@ def build_detr(
     num_decoder_layers: int | None = None, dim_feedforward: int | None = None, dropout: float = 0.1,
     norm_first: bool | None = None, activation: str | None = None,
     # the queries, heads and convergence switches (DETR)
-    num_queries: int | None = None, aux_loss: bool = True, sigmoid_classes: bool = False,
+    num_queries: int | None = None, aux_loss: bool = True, class_loss: str = "ce",
     anchor_queries: bool = False, box_refine: bool = False, num_groups: int = 1, two_stage: bool = False,
     dn_groups: int = 0, dn_label_noise: float = 0.5, dn_box_noise: float = 0.4, dn_contrastive: bool = True,
     # whole-model weights
@@ -456,7 +458,7 @@ def build_detr(
     )
     model = DETR(
         adapter=adapter, transformer=transformer, num_classes=num_classes, num_queries=arch["num_queries"],
-        aux_loss=aux_loss, sigmoid_classes=sigmoid_classes, anchor_queries=anchor_queries, box_refine=box_refine,
+        aux_loss=aux_loss, class_loss=class_loss, anchor_queries=anchor_queries, box_refine=box_refine,
         num_groups=num_groups, two_stage=two_stage, dn_groups=dn_groups, dn_label_noise=dn_label_noise,
         dn_box_noise=dn_box_noise, dn_contrastive=dn_contrastive,
     )
@@ -469,12 +471,13 @@ def build_detr(
 
 @torch.no_grad()
 def postprocess(
-    outputs: dict, target_sizes: Tensor, *, top_k: int | None = None, sigmoid_classes: bool = False
+    outputs: dict, target_sizes: Tensor, *, top_k: int | None = None, class_loss: str = "ce"
 ) -> list[dict[str, Tensor]]:
     """Turn raw outputs into detections in absolute pixels.
 
     Args:
-        outputs: ``pred_logits`` [B, Q, C+1] (softmax head) or [B, Q, C] (``sigmoid`` head),
+        outputs: ``pred_logits`` [B, Q, C+1] (``class_loss="ce"``: softmax head) or [B, Q, C]
+            (``"focal"``: sigmoid head),
             ``pred_boxes`` [B, Q, 4] normalised cxcywh.
         target_sizes: ``[B, 2]`` (height, width) to scale to, usually the original image sizes.
         top_k: detections kept per image (None = all). The softmax head gives one detection per query
@@ -486,7 +489,7 @@ def postprocess(
     boxes = box_convert(at_least_float32(outputs["pred_boxes"]), "cxcywh", "xyxy")
     h, w = target_sizes.to(boxes.dtype).unbind(1)
     boxes = boxes * torch.stack((w, h, w, h), dim=1)[:, None, :]
-    if sigmoid_classes:
+    if check_class_loss(class_loss) == "focal":
         c = logits.shape[-1]
         flat = logits.sigmoid().flatten(1)  # [B, Q*C]
         k = flat.shape[1] if top_k is None else min(top_k, flat.shape[1])

@@ -23,8 +23,8 @@ class DetectorForExport(nn.Module):
     def __init__(self, *, detr: nn.Module, top_k: int, postprocess: bool = True) -> None:
         super().__init__()
         self.detr, self.postprocess = detr, postprocess
-        self.sigmoid_classes = bool(detr.sigmoid_classes)
-        per_image = detr.num_queries * (detr.num_classes if self.sigmoid_classes else 1)
+        self.class_loss = detr.class_loss
+        per_image = detr.num_queries * (detr.num_classes if self.class_loss == "focal" else 1)
         self.top_k = min(int(top_k), per_image)
 
     def output_names(self) -> list[str]:
@@ -36,7 +36,7 @@ class DetectorForExport(nn.Module):
         if not self.postprocess:
             return logits, boxes
         boxes = box_convert(boxes, "cxcywh", "xyxy").clamp(0.0, 1.0)
-        if self.sigmoid_classes:
+        if self.class_loss == "focal":
             num_classes = logits.shape[-1]
             scores, index = logits.sigmoid().flatten(1).topk(self.top_k, dim=1)
             labels, query = index % num_classes, torch.div(index, num_classes, rounding_mode="floor")

@@ -10,13 +10,24 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from .dtypes import at_least_float32
 
+# How a DETR head classifies, one setting from the config (``task.class_loss``) to the postprocess:
+# "ce": softmax over C classes + no-object, cross entropy (DETR); "focal": C independent sigmoids,
+# the focal loss and matching cost (Deformable DETR).
+CLASS_LOSSES = ("ce", "focal")
+
+
+def check_class_loss(class_loss: str) -> str:
+    if class_loss not in CLASS_LOSSES:
+        raise ValueError(f"class_loss must be one of {', '.join(CLASS_LOSSES)}, got {class_loss!r}")
+    return class_loss
+
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising
     ``cost_class * class_cost + cost_bbox * L1(boxes) + cost_giou * (-GIoU)``.
 
-    The class cost is ``-p(class)`` for a softmax head (DETR) or, with ``sigmoid_classes=True`` for a
-    sigmoid head, the focal loss of calling the query that class minus the focal loss of calling it
+    The class cost is ``-p(class)`` for a softmax head (``class_loss="ce"``, DETR) or, for a sigmoid
+    head (``class_loss="focal"``), the focal loss of calling the query that class minus the focal loss of calling it
     background (Deformable DETR), so matching and loss agree on what a good query is.
 
     The cost is computed per image ([Q, n_b] each), not for all queries x all targets of the batch,
@@ -29,19 +40,20 @@ class HungarianMatcher(nn.Module):
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
-        sigmoid_classes: bool = False,
+        class_loss: str = "ce",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
+        check_class_loss(class_loss)
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are 0: the assignment would be arbitrary")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
-        self.sigmoid_classes, self.focal_alpha, self.focal_gamma = sigmoid_classes, focal_alpha, focal_gamma
+        self.class_loss, self.focal_alpha, self.focal_gamma = class_loss, focal_alpha, focal_gamma
 
     def class_scores(self, logits: Tensor) -> Tensor:
         """``[B, Q, C(+1)]`` logits -> per-class scores whose negative is the classification cost."""
-        if not self.sigmoid_classes:
+        if self.class_loss == "ce":
             return logits.softmax(-1)
         p, a, g = logits.sigmoid(), self.focal_alpha, self.focal_gamma
         # -log(p) and -log(1-p) from the logits: exact where p rounds to 0 or 1

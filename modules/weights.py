@@ -43,7 +43,7 @@ class WeightSource:
     state: dict[str, Tensor]
     settings: dict[str, Any] = field(default_factory=dict)
     stated_by: dict[str, str] = field(default_factory=dict)
-    sigmoid_classes: bool = False
+    class_loss: str = "ce"  # the head it was trained with: ce (softmax + no-object) or focal (sigmoid)
 
 
 @dataclass
@@ -299,11 +299,11 @@ def _from_lightning(ckpt: dict, path: str) -> WeightSource:
     model = hparams.get("model") or {}
     stated = {k: model[k] for k in ARCHITECTURE if model.get(k) is not None}
     _merge_settings(source, stated, f"the model settings saved in {path}")
-    # a sigmoid (focal) head: model.sigmoid_classes, or in older checkpoints task.class_loss=focal
+    # the head: task.class_loss (older checkpoints may state model.sigmoid_classes instead)
     if "sigmoid_classes" in model:
-        source.sigmoid_classes = bool(model["sigmoid_classes"])
+        source.class_loss = "focal" if model["sigmoid_classes"] else "ce"
     else:
-        source.sigmoid_classes = hparams.get("class_loss") == "focal"
+        source.class_loss = hparams.get("class_loss") or "ce"
     return source
 
 
@@ -396,22 +396,22 @@ def _class_head(model: nn.Module, source: WeightSource, state: dict[str, Tensor]
     target = model.state_dict()
     key_w, key_b = "head.class_embed.weight", "head.class_embed.bias"
     if key_w not in state or key_b not in state or state[key_w].shape == target[key_w].shape and (
-            source.sigmoid_classes == model.sigmoid_classes):
+            source.class_loss == model.class_loss):
         return
     src_w, src_b = state.pop(key_w), state.pop(key_b)
     if src_w.shape[1:] != target[key_w].shape[1:]:
         state[key_w], state[key_b] = src_w, src_b  # a width mismatch: let the shape check name it
         return
-    c_src = src_w.shape[0] - (0 if source.sigmoid_classes else 1)
+    c_src = src_w.shape[0] - (1 if source.class_loss == "ce" else 0)
     c_dst = model.num_classes
     note = f"head.class_embed ({c_src} -> {c_dst} classes"
-    if not source.sigmoid_classes and not model.sigmoid_classes:
+    if source.class_loss == model.class_loss == "ce":
         weight, bias = target[key_w].clone(), target[key_b].clone()
         weight[-1], bias[-1] = src_w[-1], src_b[-1]
         state[key_w], state[key_b] = weight, bias
         note += ", no-object row kept)"
     else:
-        note += ", softmax/sigmoid head changed)" if source.sigmoid_classes != model.sigmoid_classes else ")"
+        note += ", softmax/sigmoid head changed)" if source.class_loss != model.class_loss else ")"
     report.reinitialised.append(note)
 
 

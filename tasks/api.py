@@ -250,7 +250,7 @@ class Detector(ImagePredictor):
 
         task, names = self.task, self.class_names
         outputs = task(batch["images"], batch["pixel_mask"])
-        preds = postprocess(outputs, batch["sizes"], top_k=task.top_k, sigmoid_classes=task.model.sigmoid_classes)
+        preds = postprocess(outputs, batch["sizes"], top_k=task.top_k, class_loss=task.model.class_loss)
         thr = 0.5 if threshold is None else float(threshold)
         rows = []
         for p, (h, w) in zip(preds, batch["sizes"].tolist()):

@@ -12,7 +12,7 @@ from torchvision.ops import box_convert
 from modules.criterion import SetCriterion, weighted_loss
 from modules.detr import build_detr, postprocess
 from modules.dtypes import at_least_float32
-from modules.matcher import HungarianMatcher
+from modules.matcher import CLASS_LOSSES, HungarianMatcher
 
 from .base import BaseTask
 from .metrics import CocoDetectionMetric
@@ -63,20 +63,19 @@ class DetectionTask(BaseTask):
         super().__init__(**optim)
         self.save_hyperparameters(ignore=["transformer"])
         self.data_info = data_info
-        if class_loss not in ("ce", "focal"):
-            raise ValueError(f"task.class_loss must be 'ce' or 'focal', got {class_loss!r}")
-        focal = class_loss == "focal"
-        if "sigmoid_classes" in model:
-            raise ValueError("set task.class_loss (ce|focal) instead of model.sigmoid_classes")
-        self.model = build_detr(num_classes=data_info["num_classes"], sigmoid_classes=focal, transformer=transformer,
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"task.class_loss must be one of {', '.join(CLASS_LOSSES)}, got {class_loss!r}")
+        if "class_loss" in model or "sigmoid_classes" in model:
+            raise ValueError("set task.class_loss (ce|focal), not a model key: the loss and the head share it")
+        self.model = build_detr(num_classes=data_info["num_classes"], class_loss=class_loss, transformer=transformer,
                                 **model)
         # weights sources are read once: the checkpoint keeps the architecture built (settings left null
         # come from model.init_from's source) and no source, so that it rebuilds without them
         self.hparams["model"] = {**model, **self.model.settings, "init_from": None, "pretrained_backbone": None}
         matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
-                                   sigmoid_classes=focal, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+                                   class_loss=class_loss, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.criterion = SetCriterion(num_classes=data_info["num_classes"], matcher=matcher, eos_coef=eos_coef,
-                                      sigmoid_classes=focal, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+                                      class_loss=class_loss, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.loss_weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         self.top_k = top_k
         self.register_buffer(
@@ -108,7 +107,7 @@ class DetectionTask(BaseTask):
     def predictions(self, outputs: dict, targets: list[dict]) -> list[dict[str, Tensor]]:
         """Detections in the original image's absolute xyxy pixels, labels as contiguous indices."""
         sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
-        return postprocess(outputs, sizes, top_k=self.top_k, sigmoid_classes=self.model.sigmoid_classes)
+        return postprocess(outputs, sizes, top_k=self.top_k, class_loss=self.model.class_loss)
 
     def _eval_step(self, batch: dict, metric: CocoDetectionMetric, prefix: str) -> dict:
         outputs, losses, loss = self._losses(batch, training=False)

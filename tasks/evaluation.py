@@ -65,7 +65,10 @@ def split_dataset(datamodule: Any, split: str):
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch on ``device``, nested tensors too (the detection targets are a list of dicts)."""
+    from lightning.fabric.utilities import move_data_to_device
+
+    return move_data_to_device(batch, device)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -60,6 +60,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mtdetr.root", lambda: str(ROOT))
         OmegaConf.register_new_resolver("mtdetr.wandb_offline", lambda: not wandb_has_credentials())
         OmegaConf.register_new_resolver("mtdetr.auto_precision", auto_precision)
+        # looked up at each call, so that a test can force either answer
+        OmegaConf.register_new_resolver("mtdetr.fast_bf16", lambda accelerator="auto": fast_bf16_available(accelerator))
 
 
 @dataclass

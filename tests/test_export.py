@@ -65,7 +65,7 @@ def test_detection_onnx_equals_pytorch_on_real_images(tmp_path, class_loss, mode
         out = predictor.task.model(batch["images"], batch["pixel_mask"])
     from modules.detr import postprocess
 
-    for i, ref in enumerate(postprocess(out, batch["sizes"], top_k=20, sigmoid_classes=class_loss == "focal")):
+    for i, ref in enumerate(postprocess(out, batch["sizes"], top_k=20, class_loss=class_loss)):
         h, w = batch["sizes"][i].tolist()
         order = ref["scores"].argsort(descending=True)  # the graph gives the best first; postprocess may not
         ref = {k: v[order] for k, v in ref.items()}

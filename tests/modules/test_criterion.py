@@ -72,13 +72,13 @@ def test_loss_semantics_match_hand_computation(dtype, rel):
     assert losses["loss_giou"].item() == pytest.approx(giou / num_boxes, rel=rel)
 
 
-@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
-def test_half_types_are_computed_in_float32_and_float64_stays(focal):
-    c = 3 if focal else 4
+@pytest.mark.parametrize("class_loss", ["ce", "focal"])
+def test_half_types_are_computed_in_float32_and_float64_stays(class_loss):
+    c = 3 if class_loss == "focal" else 4
     for dtype, want in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)):
         out = {k: v[..., :c].to(dtype) if k == "pred_logits" else v.to(dtype)
                for k, v in make_outputs(aux=0).items() if k != "aux_outputs"}
-        crit = SetCriterion(num_classes=3, matcher=HungarianMatcher(sigmoid_classes=focal), sigmoid_classes=focal)
+        crit = SetCriterion(num_classes=3, matcher=HungarianMatcher(class_loss=class_loss), class_loss=class_loss)
         assert {v.dtype for v in crit(out, TARGETS).values()} == {want}, dtype
 
 

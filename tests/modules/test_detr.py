@@ -44,7 +44,7 @@ def model(seed=0, **kw):
 
 def test_focal_matching_cost_is_focal_loss_of_the_class_minus_that_of_background():
     logits = torch.tensor([[[2.0, -1.0, 0.5], [-3.0, 4.0, 0.0]]])  # [B=1, Q=2, C=3]
-    m = HungarianMatcher(cost_class=1.0, cost_bbox=0.0, cost_giou=0.0, sigmoid_classes=True, focal_alpha=0.25, focal_gamma=2.0)
+    m = HungarianMatcher(cost_class=1.0, cost_bbox=0.0, cost_giou=0.0, class_loss="focal", focal_alpha=0.25, focal_gamma=2.0)
     p = logits.sigmoid()
     pos = 0.25 * (1 - p) ** 2 * -torch.log(p)
     neg = 0.75 * p**2 * -torch.log(1 - p)
@@ -56,7 +56,7 @@ def test_focal_matching_cost_is_focal_loss_of_the_class_minus_that_of_background
 
 
 def test_focal_classification_loss_matches_the_formula_and_ignores_easy_negatives():
-    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(sigmoid_classes=True), sigmoid_classes=True, focal_alpha=0.25, focal_gamma=2.0)
+    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(class_loss="focal"), class_loss="focal", focal_alpha=0.25, focal_gamma=2.0)
     logits = torch.tensor([[[3.0, -2.0, -1.0], [-6.0, -6.0, -6.0]]])
     target = torch.tensor([[0, C]])  # query 0 is class 0, query 1 background
     p = logits.sigmoid()
@@ -71,7 +71,7 @@ def test_focal_classification_loss_matches_the_formula_and_ignores_easy_negative
 def test_sigmoid_postprocess_ranks_query_class_pairs():
     logits = torch.tensor([[[4.0, 3.0, -9.0], [-9.0, -9.0, 0.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5]]])
-    out = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]), top_k=3, sigmoid_classes=True)[0]
+    out = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]), top_k=3, class_loss="focal")[0]
     assert out["labels"].tolist() == [0, 1, 2]  # one query may give two detections of different classes
     torch.testing.assert_close(out["scores"], torch.tensor([4.0, 3.0, 0.0]).sigmoid())
     torch.testing.assert_close(out["boxes"][0], torch.tensor([80.0, 40.0, 120.0, 60.0]))
@@ -222,7 +222,7 @@ def test_each_group_is_matched_one_to_one_on_its_own():
 # --- two-stage ----------------------------------------------------------------------------------------
 
 def test_two_stage_anchors_are_the_best_encoder_proposals():
-    net = model(two_stage=True, sigmoid_classes=True).eval()
+    net = model(two_stage=True, class_loss="focal").eval()
     images, mask = batch()
     out = net(images, mask)
     enc = out["enc_outputs"]
@@ -266,10 +266,30 @@ def test_inconsistent_switches_are_explained(kw):
 def test_every_switch_trains_end_to_end():
     """All switches together: forward, loss (with every part's terms), backward reaching the backbone."""
     net = model(anchor_queries=True, box_refine=True, num_groups=2, two_stage=True, dn_groups=2,
-                sigmoid_classes=True, trainable_layers=5, frozen_bn=False).train()
-    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(sigmoid_classes=True), sigmoid_classes=True)
+                class_loss="focal", trainable_layers=5, frozen_bn=False).train()
+    crit = SetCriterion(num_classes=C, matcher=HungarianMatcher(class_loss="focal"), class_loss="focal")
     losses = crit(net(*batch(), TARGETS), TARGETS)
     assert {"loss_ce_enc", "loss_bbox_dn", "loss_giou_dn_1", "loss_ce_1"} <= set(losses)
     sum(losses.values()).backward()
     assert net.adapter.body[0].weight.grad.abs().sum() > 0
     assert net.query_content.weight.grad.abs().sum() > 0 and net.label_embed.weight.grad.abs().sum() > 0
+
+
+def test_class_loss_is_one_setting_from_task_to_postprocess():
+    """task.class_loss reaches the matcher, the criterion, the model's heads and the postprocess under
+    one name; a misspelt value fails at construction, naming the choices."""
+    from tasks.detection import DetectionTask
+
+    info = {"num_classes": 3, "class_names": ["a", "b", "c"], "category_ids": [1, 2, 3]}
+    small = {"backbone": "resnet18", "d_model": 32, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
+             "dim_feedforward": 32, "num_queries": 4}
+    for class_loss, logits in (("ce", 4), ("focal", 3)):
+        task = DetectionTask(model=small, data_info=info, class_loss=class_loss)
+        assert {task.criterion.class_loss, task.criterion.matcher.class_loss, task.model.class_loss,
+                task.model.head.class_loss} == {class_loss}
+        assert task.model.head.class_embed.out_features == logits
+    with pytest.raises(ValueError, match="ce, focal"):
+        DetectionTask(model=small, data_info=info, class_loss="sigmoid")
+    with pytest.raises(ValueError, match="ce, focal"):
+        postprocess({"pred_logits": torch.zeros(1, 2, 3), "pred_boxes": torch.rand(1, 2, 4)}, torch.tensor([[9, 9]]),
+                    class_loss="softmax")

@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from torchmetrics.detection import MeanAveragePrecision
 
 from tasks.coco_eval import STAT_KEYS, evaluate_detections, ground_truth_coco, per_class_rows
-from tasks.evaluation import ClassMismatch, match_classes
+from tasks.evaluation import ClassMismatch, _to, match_classes
 from tasks.metrics import CocoDetectionMetric
 from tasks.plots import confusion_matrix
 
@@ -197,3 +197,14 @@ def test_coco_metric_syncs_uneven_ranks_like_one_process():
         p.join(timeout=60)
     for _, stats in results:
         assert stats == pytest.approx(expected, abs=1e-9)
+
+
+def test_eval_batches_reach_the_device_with_their_nested_targets():
+    """eval.py on a GPU moved only the batch's top-level tensors: the detection targets (a list of
+    dicts) stayed on the CPU and the metric update failed on mixed devices. Every tensor moves."""
+    batch = {"images": torch.ones(2, 3, 4, 4), "targets": [{"boxes": torch.ones(1, 4), "labels": torch.zeros(1)}],
+             "names": ["a.jpg"]}
+    moved = _to(batch, torch.device("meta"))
+    assert moved["images"].device.type == "meta"
+    assert {t.device.type for t in moved["targets"][0].values()} == {"meta"}
+    assert moved["names"] == ["a.jpg"]

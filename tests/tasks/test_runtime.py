@@ -28,3 +28,21 @@ def test_default_precision_follows_the_cpu_flags(flags, want, monkeypatch):
     assert auto_precision("auto") == auto_precision("cpu") == want
     assert fast_bf16_available("cpu") is (want == "bf16-mixed")
     assert not fast_bf16_available("mps")  # another accelerator: no claim
+
+
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "fp32-only"])
+@pytest.mark.parametrize("overrides", [["task=detection"], ["task=multilabel"],
+                                       ["task=detection", "experiment=detr_r50_coco"]], ids=["small", "q2l", "r50"])
+def test_channels_last_trunk_follows_the_hardware(overrides, native_bf16, monkeypatch):
+    """model.channels_last resolves from the same probe as the precision: channels-last where bf16
+    is native, NCHW on fp32-only CPUs (where its convolution backward is slower)."""
+    from hydra import compose, initialize_config_dir
+
+    import tasks.runtime as runtime
+
+    runtime.register_resolvers()
+    runtime.register_schema()
+    monkeypatch.setattr(runtime, "fast_bf16_available", lambda accelerator="auto": native_bf16)
+    with initialize_config_dir(config_dir=str(runtime.ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "logger=none"])
+    assert cfg.model.channels_last is native_bf16
