@@ -40,6 +40,7 @@ from hydra.utils import instantiate  # noqa: E402
 from torchmetrics.detection import MeanAveragePrecision  # noqa: E402
 
 from benchmarks.common import cpu_model, emit_json  # noqa: E402
+from tasks.callbacks import FitScheduleToTime  # noqa: E402
 from tasks.runtime import data_settings, register_resolvers, register_schema, to_plain  # noqa: E402
 
 # Each technique as the overrides that switch it on (`dn` and `groups` at the sizes of the ablation's
@@ -145,9 +146,11 @@ def evaluate(trainer, task, loader) -> dict[str, float]:
 
 
 def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: list[int],
-               save_checkpoint: str | None = None) -> dict:
+               save_checkpoint: str | None = None, fit_schedule: bool = False) -> dict:
     """Train recipe ``name`` to the last mark, evaluating at each; ``save_checkpoint``: also write the
-    final model there as a checkpoint that ``eval.py`` / ``predict.py`` read (data settings included)."""
+    final model there as a checkpoint that ``eval.py`` / ``predict.py`` read (data settings included).
+    ``fit_schedule``: the LR schedule ends at the last minute mark (``FitScheduleToTime`` on the
+    training clock), as a ``trainer.max_time`` run's does."""
     register_resolvers()
     register_schema()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -159,8 +162,11 @@ def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: lis
     task = instantiate(cfg.task, model=to_plain(cfg.model), data_info=datamodule.data_info)
     task.remember_data(to_plain(cfg.data), data_settings(datamodule))
     probe = Probe(datamodule, seconds, steps)
+    callbacks = [probe]
+    if fit_schedule and seconds:
+        callbacks.append(FitScheduleToTime(budget_seconds=max(seconds), clock=probe.train_seconds))
     trainer = instantiate(
-        cfg.trainer, callbacks=[probe], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         max_epochs=-1, max_steps=-1, max_time=None, limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(ROOT / "outputs" / "convergence"),
     )

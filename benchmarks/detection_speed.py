@@ -90,10 +90,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-
-
-
-
 def machine_info(device: torch.device) -> dict:
     import torchvision
 
@@ -433,8 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="ours only: bf16 autocast around forward + loss (the reference is always fp32)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="ours: channels-last trunk")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="ours: channels-last trunk (default: as the configs, where bf16 is native on --device)")
     p.add_argument("--fuse-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="ours: fold frozen BatchNorm into the convolutions")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -450,6 +446,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.channels_last is None:
+        from tasks.runtime import fast_bf16_available
+
+        args.channels_last = fast_bf16_available("gpu" if args.device == "cuda" else "cpu")
     args.settings = [x for x in args.settings.split(",") if x]
     args.impls = [x for x in args.impls.split(",") if x]
     for name in args.settings:

@@ -6,7 +6,9 @@ ordinary photos of 200-1,900 px, one class; see its README), read as ``data=coco
 and/or ``data=voc`` (its Pascal VOC XML; the same boxes, see ``benchmarks/formats_agree.py``).
 Each format runs in its own process (so peak memory is that run's), for a budget of *training* time:
 at every whole minute training pauses, the whole val split (40 photos) is evaluated with COCO mAP
-(``benchmarks/convergence.py``'s evaluation, not charged to the budget), and training goes on.
+(``benchmarks/convergence.py``'s evaluation, not charged to the budget), and training goes on. The
+LR schedule is fitted to the budget (``tasks.callbacks.FitScheduleToTime``, as a ``train.py`` run's
+is to ``trainer.max_time``).
 
     PYTHONPATH=. .venv/bin/python benchmarks/real_photos.py                      # coco, 15 minutes
     PYTHONPATH=. .venv/bin/python benchmarks/real_photos.py --formats coco voc --minutes 3
@@ -55,7 +57,7 @@ def run_one(fmt: str, root: Path, minutes: float, every: float, extra: list[str]
     if not marks or marks[-1] < 60.0 * minutes - 1e-6:
         marks.append(60.0 * minutes)
     overrides = format_overrides(fmt, root) + extra
-    result = run_recipe(fmt, overrides, marks, [], save_checkpoint=ckpt)
+    result = run_recipe(fmt, overrides, marks, [], save_checkpoint=ckpt, fit_schedule=True)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {**result, "peak_rss_mib": round(max_rss_mib(), 1), "peak_worker_rss_mib": round(children, 1)}
 

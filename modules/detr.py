@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -411,6 +412,13 @@ def resolve_architecture(given: dict, source: WeightSource | None) -> dict:
     return resolved
 
 
+def _transformer(arch: dict[str, Any], dropout: float) -> Seq2SeqTransformer:
+    """The shared Transformer of the resolved architecture ``arch``."""
+    names = ("d_model", "nhead", "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "norm_first",
+             "activation")
+    return Seq2SeqTransformer(**{k: arch[k] for k in names}, dropout=dropout)
+
+
 def build_detr(
     *, num_classes: int,
     # the image adapter (ImageAdapter)
@@ -431,31 +439,24 @@ def build_detr(
     transformer: nn.Module | None = None,
 ) -> DETR:
     """DETR from plain settings (the ``model`` config group). Defaults are the DETR-R50 paper setting
-    (every convergence switch off, DETR's sine positions: ``position_offset`` 0).
-
-    ``init_from``: whole-model weights (:mod:`modules.weights`: an original facebookresearch/detr
+    (every convergence switch off, DETR's sine positions: ``position_offset`` 0). ``init_from``: whole-model weights (:mod:`modules.weights`: an original facebookresearch/detr
     checkpoint, a Hugging Face DETR folder, ``hf:REPO_ID[@revision]`` or a detection ``.ckpt``), read
     once here. Architecture settings left None (those of :data:`DETR_R50`) come from the source when it
     states them. ``init_strict=False`` loads what fits instead of failing on missing/unused tensors.
     The settings built are in ``model.settings``, the load report in ``model.load_report``.
 
-    ``fuse_frozen_bn`` and ``channels_last`` (the configs turn both on) are faster and equal up to
-    float rounding; off by default, so that the Python defaults compute exactly as the original DETR."""
+    ``fuse_frozen_bn`` and ``channels_last`` (the configs choose) equal the plain computation up to
+    float rounding; off here, so that the Python defaults compute exactly as the original DETR."""
     if init_from and pretrained_backbone:
         raise ValueError("set model.init_from (whole model) or model.pretrained_backbone (trunk only), not both")
     source = read_weights(init_from) if init_from else None
-    given = {k: v for k, v in locals().items() if k in DETR_R50}
-    arch = resolve_architecture(given, source)
+    arch = resolve_architecture({k: v for k, v in locals().items() if k in DETR_R50}, source)
     adapter = ImageAdapter(
         backbone=arch["backbone"], d_model=arch["d_model"], pretrained_backbone=pretrained_backbone,
         frozen_bn=frozen_bn, trainable_layers=trainable_layers, stride=stride, fuse_frozen_bn=fuse_frozen_bn,
         channels_last=channels_last, position_offset=arch["position_offset"],
     )
-    transformer = transformer or Seq2SeqTransformer(
-        d_model=arch["d_model"], nhead=arch["nhead"], num_encoder_layers=arch["num_encoder_layers"],
-        num_decoder_layers=arch["num_decoder_layers"], dim_feedforward=arch["dim_feedforward"], dropout=dropout,
-        norm_first=arch["norm_first"], activation=arch["activation"],
-    )
+    transformer = transformer or _transformer(arch, dropout)
     model = DETR(
         adapter=adapter, transformer=transformer, num_classes=num_classes, num_queries=arch["num_queries"],
         aux_loss=aux_loss, class_loss=class_loss, anchor_queries=anchor_queries, box_refine=box_refine,

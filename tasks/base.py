@@ -93,11 +93,14 @@ class BaseTask(L.LightningModule):
         total = float(self.trainer.estimated_stepping_batches) if self.scheduler_name in ("cosine", "step") else math.inf
         name, warmup, floor = self.scheduler_name, self.warmup_steps, self.min_lr_ratio
 
-        def schedule(step: int) -> float:
-            return lr_multiplier(name, step, warmup, total, floor)
+        def schedule(step: int) -> float:  # schedule_steps: the length fitted to a time budget, if any
+            fitted = self.schedule_steps
+            return lr_multiplier(name, step, warmup, total if fitted is None else min(total, fitted), floor)
 
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    schedule_steps: int | None = None  # set by tasks.callbacks.FitScheduleToTime
 
     # multitask: a child task logs through its parent -----------------------------------------------
     _log_parent: L.LightningModule | None = None

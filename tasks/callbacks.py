@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchvision.ops import box_convert
@@ -104,3 +106,56 @@ class DetectionVisualizer(L.Callback):
             }
             images.append(wandb.Image(pixels.permute(1, 2, 0).numpy(), boxes=boxes))
         logger.experiment.log({"val/predictions": images, "trainer/global_step": step})
+
+
+class FitScheduleToTime(L.Callback):
+    """When a time budget will stop the run before its planned steps, fit the LR schedule's length to
+    the steps that fit in the budget, so that a cosine (or step) schedule still decays to its end
+    (Ultralytics' ``time=`` does the same by re-planning its epochs).
+
+    Every ``every_n_steps`` optimiser steps: ``steps that fit = step + remaining seconds x steps per
+    second so far`` (this process's rate, validation time included), and the task's
+    ``schedule_steps`` (read by its LR schedule at each step) becomes the smaller of that and the
+    planned total. The budget is ``trainer.max_time`` (Lightning's ``Timer``: its time survives a
+    resume), or ``budget_seconds`` measured by ``clock`` (a benchmark that pauses its own clock); no
+    budget: nothing changes. The fitted length is saved in checkpoints, so a resumed run continues
+    the same schedule until its next estimate."""
+
+    def __init__(self, *, every_n_steps: int = 20, budget_seconds: float | None = None, clock=None) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if budget_seconds is not None and clock is None:
+            raise ValueError("budget_seconds needs the clock that measures it")
+        self.every_n_steps, self.budget_seconds = every_n_steps, budget_seconds
+        self.clock = clock or time.perf_counter  # seconds; also measures the step rate
+        self.fitted: int | None = None
+
+    def _remaining(self, trainer: L.Trainer) -> float | None:
+        if self.budget_seconds is not None:
+            return self.budget_seconds - self.clock()
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        return None if timer is None else timer.time_remaining()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step, self.start_time = trainer.global_step, self.clock()
+        if self.fitted is not None:  # resumed: the schedule it had
+            pl_module.schedule_steps = self.fitted
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        done = trainer.global_step - self.start_step
+        if done < self.every_n_steps or trainer.global_step % self.every_n_steps:
+            return
+        remaining = self._remaining(trainer)
+        if remaining is None or remaining <= 0:  # no budget, or spent: the last estimate stays
+            return
+        rate = done / max(self.clock() - self.start_time, 1e-9)
+        fit = trainer.global_step + remaining * rate
+        planned = float(trainer.estimated_stepping_batches)
+        self.fitted = int(fit) if fit < planned else None
+        pl_module.schedule_steps = self.fitted
+
+    def state_dict(self) -> dict:
+        return {"fitted": self.fitted}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.fitted = state_dict.get("fitted")

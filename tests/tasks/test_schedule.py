@@ -1,0 +1,90 @@
+"""The LR schedule fitted to a time budget (tasks.callbacks.FitScheduleToTime), in real Lightning
+runs of a tiny task: the budget's clock is given, so the steps that fit are known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tasks.base import BaseTask
+from tasks.callbacks import FitScheduleToTime
+
+
+class Tiny(BaseTask):
+    def __init__(self) -> None:
+        super().__init__(lr=1.0, warmup_steps=0, scheduler="cosine", min_lr_ratio=0.01, grad_clip=None)
+        self.layer = torch.nn.Linear(2, 1)
+        self.lrs: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return self.layer(batch[0]).pow(2).mean()
+
+
+def fit(callbacks, max_steps: int = 100, **trainer_args) -> Tiny:
+    task = Tiny()
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
+    trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **trainer_args)
+    trainer.fit(task, loader)
+    return task
+
+
+def step_clock(holder: dict):
+    """One second per optimiser step: the budget's clock, read off the trainer."""
+    return lambda: float(holder["trainer"].global_step)
+
+
+def test_a_budget_that_stops_the_run_early_gets_the_whole_schedule():
+    holder: dict = {}
+    callback = FitScheduleToTime(every_n_steps=5, budget_seconds=40.0, clock=step_clock(holder))
+    task = Tiny()
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
+    trainer = L.Trainer(max_steps=100, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    holder["trainer"] = trainer
+    trainer.fit(task, loader)
+    # 40 steps fit in the budget (1 s each) out of the planned 100: the cosine ends at step 40
+    assert task.schedule_steps == callback.fitted == 40
+    assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(39 / 40 * math.pi)))
+    assert task.lrs[45] == pytest.approx(0.01)  # past the budget (a run that was not stopped): the floor
+    assert callback.state_dict() == {"fitted": 40}
+
+
+def test_a_budget_with_room_to_spare_leaves_the_planned_schedule():
+    holder: dict = {}
+    callback = FitScheduleToTime(every_n_steps=5, budget_seconds=1000.0, clock=step_clock(holder))
+    task = Tiny()
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
+    trainer = L.Trainer(max_steps=30, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    holder["trainer"] = trainer
+    trainer.fit(task, loader)
+    assert task.schedule_steps is None and callback.fitted is None
+    assert task.lrs[29] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(29 / 30 * math.pi)))
+
+
+def test_without_a_budget_nothing_changes():
+    task = fit([FitScheduleToTime(every_n_steps=5)], max_steps=20)
+    assert task.schedule_steps is None
+
+
+def test_a_resumed_run_continues_the_fitted_schedule():
+    callback = FitScheduleToTime(every_n_steps=5)
+    callback.load_state_dict({"fitted": 12})
+    task = fit([callback], max_steps=20)
+    assert task.lrs[11] > 0.01 and task.lrs[12] == pytest.approx(0.01)
+
+
+def test_every_n_steps_must_be_positive():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        FitScheduleToTime(every_n_steps=0)
+
+
+def test_a_budget_needs_its_clock():
+    with pytest.raises(ValueError, match="clock"):
+        FitScheduleToTime(budget_seconds=10.0)
