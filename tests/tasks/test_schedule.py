@@ -25,11 +25,14 @@ class Tiny(BaseTask):
         return self.layer(batch[0]).pow(2).mean()
 
 
-def fit(callbacks, max_steps: int = 100, **trainer_args) -> Tiny:
+def fit(callbacks, max_steps: int = 100, holder: dict | None = None) -> Tiny:
+    """Train ``Tiny``; ``holder["trainer"]`` is the trainer (for ``step_clock``)."""
     task = Tiny()
     loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
     trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **trainer_args)
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    if holder is not None:
+        holder["trainer"] = trainer
     trainer.fit(task, loader)
     return task
 
@@ -42,12 +45,7 @@ def step_clock(holder: dict):
 def test_a_budget_that_stops_the_run_early_gets_the_whole_schedule():
     holder: dict = {}
     callback = FitScheduleToTime(every_n_steps=5, budget_seconds=40.0, clock=step_clock(holder))
-    task = Tiny()
-    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
-    trainer = L.Trainer(max_steps=100, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    holder["trainer"] = trainer
-    trainer.fit(task, loader)
+    task = fit([callback], max_steps=100, holder=holder)
     # 40 steps fit in the budget (1 s each) out of the planned 100: the cosine ends at step 40
     assert task.schedule_steps == callback.fitted == 40
     assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(39 / 40 * math.pi)))
@@ -58,12 +56,7 @@ def test_a_budget_that_stops_the_run_early_gets_the_whole_schedule():
 def test_a_budget_with_room_to_spare_leaves_the_planned_schedule():
     holder: dict = {}
     callback = FitScheduleToTime(every_n_steps=5, budget_seconds=1000.0, clock=step_clock(holder))
-    task = Tiny()
-    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
-    trainer = L.Trainer(max_steps=30, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    holder["trainer"] = trainer
-    trainer.fit(task, loader)
+    task = fit([callback], max_steps=30, holder=holder)
     assert task.schedule_steps is None and callback.fitted is None
     assert task.lrs[29] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(29 / 30 * math.pi)))
 
