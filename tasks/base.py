@@ -90,12 +90,18 @@ class BaseTask(L.LightningModule):
     def configure_optimizers(self):
         groups = self.param_groups()
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
-        total = float(self.trainer.estimated_stepping_batches) if self.scheduler_name in ("cosine", "step") else math.inf
+        planned = float(self.trainer.estimated_stepping_batches)
+        total = planned if self.scheduler_name in ("cosine", "step") else math.inf
         name, warmup, floor = self.scheduler_name, self.warmup_steps, self.min_lr_ratio
 
-        def schedule(step: int) -> float:  # schedule_steps: the length fitted to a time budget, if any
-            fitted = self.schedule_steps
-            return lr_multiplier(name, step, warmup, total if fitted is None else min(total, fitted), floor)
+        def schedule(step: int) -> float:
+            fitted = self.schedule_steps  # the length fitted to a time budget, if any
+            if fitted is None or fitted >= planned:
+                return lr_multiplier(name, step, warmup, total, floor)
+            # a budget that stops the run early shortens the warm-up with the rest of the schedule (it
+            # keeps its share of the plan): 100 warm-up steps of a 600-step plan are 24 of 141 that fit
+            short_warmup = min(warmup, math.ceil(warmup * fitted / planned))
+            return lr_multiplier(name, step, short_warmup, min(total, fitted), floor)
 
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}

@@ -15,8 +15,8 @@ from tasks.callbacks import FitScheduleToTime
 
 
 class Tiny(BaseTask):
-    def __init__(self) -> None:
-        super().__init__(lr=1.0, warmup_steps=0, scheduler="cosine", min_lr_ratio=0.01, grad_clip=None)
+    def __init__(self, warmup_steps: int = 0) -> None:
+        super().__init__(lr=1.0, warmup_steps=warmup_steps, scheduler="cosine", min_lr_ratio=0.01, grad_clip=None)
         self.layer = torch.nn.Linear(2, 1)
         self.lrs: list[float] = []
 
@@ -25,9 +25,9 @@ class Tiny(BaseTask):
         return self.layer(batch[0]).pow(2).mean()
 
 
-def fit(callbacks, max_steps: int = 100, holder: dict | None = None) -> Tiny:
+def fit(callbacks, max_steps: int = 100, holder: dict | None = None, warmup_steps: int = 0) -> Tiny:
     """Train ``Tiny``; ``holder["trainer"]`` is the trainer (for ``step_clock``)."""
-    task = Tiny()
+    task = Tiny(warmup_steps)
     loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
     trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
@@ -51,6 +51,18 @@ def test_a_budget_that_stops_the_run_early_gets_the_whole_schedule():
     assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(39 / 40 * math.pi)))
     assert task.lrs[45] == pytest.approx(0.01)  # past the budget (a run that was not stopped): the floor
     assert callback.state_dict() == {"fitted": 40}
+
+
+def test_a_budget_that_stops_the_run_early_shortens_the_warm_up_with_it():
+    holder: dict = {}
+    callback = FitScheduleToTime(every_n_steps=5, budget_seconds=40.0, clock=step_clock(holder))
+    task = fit([callback], max_steps=100, holder=holder, warmup_steps=20)
+    # planned: 20 warm-up steps of 100; fitted from step 5 on: 40 steps, so 8 warm-up steps of 40
+    # the LR of step 5 was set before the estimate at its end: the planned warm-up up to there
+    assert task.lrs[4] == pytest.approx(5 / 20) and task.lrs[5] == pytest.approx(6 / 20)
+    assert task.lrs[6] == pytest.approx(7 / 8) and task.lrs[7] == pytest.approx(1.0)
+    assert task.lrs[8] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(0 / 32 * math.pi)))
+    assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(31 / 32 * math.pi)))
 
 
 def test_a_budget_with_room_to_spare_leaves_the_planned_schedule():
