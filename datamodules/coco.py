@@ -233,6 +233,15 @@ def check_images_exist(images_dir: Path, data: dict[str, Any], json_path: Path) 
         )
 
 
+def max_boxes_per_image(data: dict[str, Any]) -> int:
+    """The most non-crowd boxes that one image of a COCO dict has (0 without annotations)."""
+    counts: dict[Any, int] = {}
+    for ann in data["annotations"]:
+        if not ann.get("iscrowd", 0):
+            counts[ann["image_id"]] = counts.get(ann["image_id"], 0) + 1
+    return max(counts.values(), default=0)
+
+
 def warn_dropped_boxes(data: dict[str, Any], json_path: Path) -> None:
     """Name, once at setup, the boxes the transforms will drop from the targets: zero or negative
     width/height, or no area inside their image (clamping leaves nothing). Crowd boxes are ignore
@@ -568,6 +577,7 @@ class CocoDataModule(SplitDataModule):
         self.val_dataset: CocoDetectionDataset | None = None
         self.test_dataset: CocoDetectionDataset | None = None
         self._categories: list[dict[str, Any]] | None = None
+        self._max_boxes: int | None = None  # the most boxes in one training image (read with the categories)
 
     # paths -----------------------------------------------------------------------------------
     def _resolve(self, p: str) -> Path:
@@ -607,6 +617,7 @@ class CocoDataModule(SplitDataModule):
             self._check_root()
             data = train_data if train_data is not None else self._load_split_json(self.train_json)
             self._categories = sorted_categories(data)
+            self._max_boxes = max_boxes_per_image(data)
         return self._categories
 
     def use_categories(self, categories: list[dict[str, Any]]) -> None:
@@ -616,7 +627,9 @@ class CocoDataModule(SplitDataModule):
 
     @property
     def data_info(self) -> dict[str, Any]:
-        """``{"num_classes": C, "class_names": [...], "category_ids": [...]}``; label i ↔ category_ids[i].
+        """``{"num_classes": C, "class_names": [...], "category_ids": [...]}``; label i ↔ category_ids[i];
+        ``max_boxes_per_image``: the most (non-crowd) boxes in one training image, when the training
+        split was read (it sizes ``model.num_queries=auto``).
 
         Plain Python types only (safe for ``torch.load(weights_only=True)``). Reads the train JSON
         (not the images) if ``setup`` has not run.
@@ -627,6 +640,8 @@ class CocoDataModule(SplitDataModule):
             "class_names": [str(c["name"]) for c in cats],
             "category_ids": [int(c["id"]) for c in cats],
         }
+        if self._max_boxes is not None and self.target == "detection":
+            info["max_boxes_per_image"] = self._max_boxes
         if self.target == "multilabel":  # training-set frequency of each class (label order of sequences)
             if self.train_dataset is None:
                 self.setup("fit")

@@ -396,4 +396,5 @@ class ShapesDataModule(CocoDataModule):
 
     def _reference_categories(self, train_data: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         # Known without touching disk, so data_info works before the data is generated.
+        self._max_boxes = self.generator_params["max_objects"]
         return sorted(SHAPES_CATEGORIES, key=lambda c: c["id"])

@@ -134,6 +134,32 @@ def load_backbone_weights(trunk: nn.Module, path: str, *, backbone: str = "resne
         )
 
 
+_BLOCKS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+           "resnet50": ("Bottleneck", [3, 4, 6, 3]), "resnet101": ("Bottleneck", [3, 4, 23, 3])}
+
+
+class _NarrowResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with ``width`` x the channels of the stem and of every stage (the same
+    layers, parameter names and initialisation; only a from-scratch trunk can be narrower)."""
+
+    def __init__(self, backbone: str, width: float, norm_layer: type[nn.Module]) -> None:
+        self.width = width
+        block, layers = _BLOCKS[backbone]
+        super().__init__(getattr(torchvision.models.resnet, block), layers, norm_layer=norm_layer)
+        stem = self.scaled(64)
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's
+        self.bn1 = norm_layer(stem)
+
+    def scaled(self, channels: int) -> int:
+        return max(1, round(channels * self.width))
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):  # noqa: ANN001 - torchvision's
+        if planes == 64:  # layer1 follows the (narrow) stem
+            self.inplanes = self.scaled(64)
+        return super()._make_layer(block, self.scaled(planes), blocks, stride, dilate)
+
+
 class ImageAdapter(nn.Module):
     """Turns images into encoder tokens.
 
@@ -149,6 +175,8 @@ class ImageAdapter(nn.Module):
         stride: 32 (the whole trunk) or 16 (stop after layer3: 4x more tokens, better for small images).
         fuse_frozen_bn: fold frozen BatchNorms into the preceding convolutions (same result, less work).
         channels_last: run the trunk in channels-last memory format (faster convolutions on CPU and GPU).
+        trunk_width: channels of the stem and every ResNet stage x this (1: torchvision's ResNet; 0.5 a
+            ~4x cheaper from-scratch trunk; pretrained weights need 1).
         position_offset: subtracted from the cell counts of the 2-D sine positions before normalising:
             0 is DETR's convention, 0.5 (this class's default, kept for its other users) Deformable DETR's.
     """
@@ -165,16 +193,25 @@ class ImageAdapter(nn.Module):
         fuse_frozen_bn: bool = True,
         channels_last: bool = True,
         position_offset: float = 0.5,
+        trunk_width: float = 1.0,
     ) -> None:
         super().__init__()
         if backbone not in _RESNETS:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(_RESNETS)}")
+        if not 0.125 <= trunk_width <= 1:
+            raise ValueError(f"trunk_width must be in [0.125, 1], got {trunk_width}")
+        if trunk_width != 1 and pretrained_backbone:
+            raise ValueError(f"pretrained trunk weights have the full width: set model.trunk_width=1 (got "
+                             f"{trunk_width}) or model.pretrained_backbone=null")
         if stride not in (16, 32):
             raise ValueError(f"stride must be 16 or 32, got {stride}")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-        trunk = getattr(torchvision.models, backbone)(weights=None, norm_layer=norm)
+        if trunk_width == 1:
+            trunk = getattr(torchvision.models, backbone)(weights=None, norm_layer=norm)
+        else:
+            trunk = _NarrowResNet(backbone, trunk_width, norm)
         if pretrained_backbone:
             load_backbone_weights(trunk, pretrained_backbone, backbone=backbone)
         stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
@@ -186,11 +223,11 @@ class ImageAdapter(nn.Module):
         if frozen_bn and fuse_frozen_bn:
             _fuse_frozen_bn(trunk)
         layers = [trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3]
-        channels = _RESNETS[backbone]
+        channels = round(_RESNETS[backbone] * trunk_width)
         if stride == 32:
             layers.append(trunk.layer4)
         else:
-            channels //= 2
+            channels = round(_RESNETS[backbone] // 2 * trunk_width)
         self.body = nn.Sequential(*layers)
         self.input_proj = nn.Conv2d(channels, d_model, kernel_size=1)
         self.d_model, self.stride, self.channels_last = d_model, stride, channels_last

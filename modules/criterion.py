@@ -39,7 +39,10 @@ class SetCriterion(nn.Module):
 
     Extra terms, each named ``<term>_<part>``: auxiliary decoder layer ``i`` (``loss_ce_0`` ...), each
     matched on its own; the two-stage encoder proposals (``_enc``); the denoising queries (``_dn``,
-    ``_dn_0`` ...), whose targets are known, so they are not matched. With several query groups
+    ``_dn_0`` ...), whose targets are known, so they are not matched. ``enc_matches`` > 1 matches each
+    target box to that many encoder proposals (one-to-many, H-DETR's hybrid matching applied to the
+    token proposals: denser supervision of the encoder and trunk; the decoder, whose queries are the
+    detections, stays one-to-one, so no NMS is needed). With several query groups
     (Group DETR, ``outputs["num_groups"]``) each group is matched one-to-one on its own and the terms
     are averaged over the groups.
     """
@@ -53,9 +56,13 @@ class SetCriterion(nn.Module):
         class_loss: str = "ce",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        enc_matches: int = 1,
     ) -> None:
         super().__init__()
+        if enc_matches < 1:
+            raise ValueError(f"enc_matches (encoder proposals per target box) must be >= 1, got {enc_matches}")
         self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
+        self.enc_matches = int(enc_matches)
         self.class_loss = check_class_loss(class_loss)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
@@ -142,8 +149,11 @@ class SetCriterion(nn.Module):
             suffix = "" if i == 0 else f"_{i - 1}"
             terms = self.matched_losses(layer, targets_g, num_boxes * groups)
             losses.update({f"{k}{suffix}": v for k, v in terms.items()})
-        if "enc_outputs" in outputs:
-            terms = self.matched_losses(outputs["enc_outputs"], targets, num_boxes)
+        if "enc_outputs" in outputs:  # each box matched to enc_matches proposals (repeated targets)
+            k = self.enc_matches
+            repeated = targets if k == 1 else [
+                {"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+            terms = self.matched_losses(outputs["enc_outputs"], repeated, num_boxes * k)
             losses.update({f"{k}_enc": v for k, v in terms.items()})
         if "dn_outputs" in outputs:
             dn = outputs["dn_outputs"]

@@ -393,6 +393,7 @@ class DETR(nn.Module):
 DETR_R50 = {
     "backbone": "resnet50", "d_model": 256, "nhead": 8, "num_encoder_layers": 6, "num_decoder_layers": 6,
     "dim_feedforward": 2048, "norm_first": False, "activation": "relu", "num_queries": 100, "position_offset": 0.0,
+    "trunk_width": 1.0,
 }
 
 
@@ -424,7 +425,7 @@ def build_detr(
     # the image adapter (ImageAdapter)
     backbone: str | None = None, pretrained_backbone: str | None = None, frozen_bn: bool = True,
     trainable_layers: int = 3, stride: int = 32, fuse_frozen_bn: bool = False, channels_last: bool = False,
-    position_offset: float | None = None,
+    position_offset: float | None = None, trunk_width: float | None = None,
     # the transformer (Seq2SeqTransformer)
     d_model: int | None = None, nhead: int | None = None, num_encoder_layers: int | None = None,
     num_decoder_layers: int | None = None, dim_feedforward: int | None = None, dropout: float = 0.1,
@@ -454,7 +455,7 @@ def build_detr(
     adapter = ImageAdapter(
         backbone=arch["backbone"], d_model=arch["d_model"], pretrained_backbone=pretrained_backbone,
         frozen_bn=frozen_bn, trainable_layers=trainable_layers, stride=stride, fuse_frozen_bn=fuse_frozen_bn,
-        channels_last=channels_last, position_offset=arch["position_offset"],
+        channels_last=channels_last, position_offset=arch["position_offset"], trunk_width=arch["trunk_width"],
     )
     transformer = transformer or _transformer(arch, dropout)
     model = DETR(

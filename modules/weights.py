@@ -29,7 +29,7 @@ TRUNK = "adapter.trunk."
 # build_detr settings a source can state; the others (dropout, trainable layers, ...) are training choices
 ARCHITECTURE = (
     "backbone", "d_model", "nhead", "num_encoder_layers", "num_decoder_layers", "dim_feedforward",
-    "norm_first", "activation", "num_queries", "position_offset",
+    "norm_first", "activation", "num_queries", "position_offset", "trunk_width",
 )
 _DETR_COMPUTATION = {"position_offset": 0.0, "activation": "relu"}  # what DETR's code fixes
 
@@ -195,6 +195,8 @@ def settings_from_weights(state: dict[str, Tensor]) -> dict[str, Any]:
         s["norm_first"] = "transformer.encoder_norm.weight" in state
     if (name := _resnet_name(state)) is not None:
         s["backbone"] = name
+    if (stem := state.get(f"{TRUNK}conv1.weight")) is not None:
+        s["trunk_width"] = stem.shape[0] / 64
     return s
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_convert
@@ -16,6 +18,27 @@ from modules.matcher import CLASS_LOSSES, HungarianMatcher
 
 from .base import BaseTask
 from .metrics import CocoDetectionMetric
+
+MIN_QUERIES, QUERIES_PER_BOX = 20, 1.5  # num_queries=auto: at least 20, 1.5x the most crowded training image
+
+
+def queries_for(num_queries: int | str | None, data_info: dict) -> int | None:
+    """``model.num_queries``, with ``auto`` sized to the data: ``QUERIES_PER_BOX`` x the most boxes in one
+    training image (``data_info["max_boxes_per_image"]``), rounded up to a multiple of 10, at least
+    ``MIN_QUERIES`` (DETR's 100 queries for COCO's most crowded images of ~60 boxes is the same margin).
+    A fixed number below that count is kept but named: those images' extra boxes cannot be matched."""
+    most = data_info.get("max_boxes_per_image")
+    if num_queries == "auto":
+        if most is None:
+            raise ValueError("model.num_queries=auto needs the training split's boxes per image, which this data "
+                             "source does not report: set model.num_queries to a number")
+        return max(MIN_QUERIES, 10 * math.ceil(QUERIES_PER_BOX * most / 10))
+    if isinstance(num_queries, str):
+        raise ValueError(f"model.num_queries must be a number or auto, got {num_queries!r}")
+    if num_queries is not None and most is not None and most > num_queries:
+        rank_zero_warn(f"a training image has {most} boxes but model.num_queries={num_queries}: at most "
+                       f"{num_queries} of them can be matched and detected; raise it (or use auto)")
+    return num_queries
 
 
 class DetectionTask(BaseTask):
@@ -32,6 +55,8 @@ class DetectionTask(BaseTask):
         eos_coef: weight of the no-object class in the classification loss (``ce`` only).
         loss_ce, loss_bbox, loss_giou: loss weights (applied to every decoder layer).
         top_k: detections kept per image for evaluation.
+        enc_matches: two-stage only: encoder proposals matched to each target box (1: one-to-one, DINO;
+            more: one-to-many supervision of the encoder, see :class:`modules.criterion.SetCriterion`).
         transformer: an existing transformer for the model to use instead of building its own (the
             multitask run passes its view of the shared one; the model config's transformer sizes are
             then not used).
@@ -58,6 +83,7 @@ class DetectionTask(BaseTask):
         loss_bbox: float = 5.0,
         loss_giou: float = 2.0,
         top_k: int = 100,
+        enc_matches: int = 1,
         **optim,
     ) -> None:
         super().__init__(**optim)
@@ -67,6 +93,7 @@ class DetectionTask(BaseTask):
             raise ValueError(f"task.class_loss must be one of {', '.join(CLASS_LOSSES)}, got {class_loss!r}")
         if "class_loss" in model or "sigmoid_classes" in model:
             raise ValueError("set task.class_loss (ce|focal), not a model key: the loss and the head share it")
+        model = {**model, "num_queries": queries_for(model.get("num_queries"), data_info)}
         self.model = build_detr(num_classes=data_info["num_classes"], class_loss=class_loss, transformer=transformer,
                                 **model)
         # weights sources are read once: the checkpoint keeps the architecture built (settings left null
@@ -75,7 +102,8 @@ class DetectionTask(BaseTask):
         matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
                                    class_loss=class_loss, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.criterion = SetCriterion(num_classes=data_info["num_classes"], matcher=matcher, eos_coef=eos_coef,
-                                      class_loss=class_loss, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+                                      class_loss=class_loss, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+                                      enc_matches=enc_matches)
         self.loss_weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         self.top_k = top_k
         self.register_buffer(

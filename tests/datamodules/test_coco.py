@@ -20,6 +20,7 @@ from datamodules.coco import (
     load_coco_json,
     load_rgb_image,
     make_detection_transforms,
+    max_boxes_per_image,
     to_rgb,
 )
 from datamodules.errors import DataError, MissingDataError
@@ -203,6 +204,18 @@ def test_crowd_annotations_left_out(tmp_path: Path) -> None:
     assert t["labels"].tolist() == [0]
 
 
+def test_max_boxes_per_image_counts_targets_not_crowds(tmp_path: Path) -> None:
+    anns = [(1, 5, [1.0, 1.0, 5.0, 5.0]), (2, 9, [2.0, 2.0, 9.0, 9.0]), (2, 5, [1.0, 1.0, 3.0, 3.0]),
+            (2, 5, [4.0, 4.0, 3.0, 3.0])]
+    path = write_coco(tmp_path, [("a.png", 40, 40), ("b.png", 40, 40)], anns)
+    data = json.loads(path.read_text())
+    assert max_boxes_per_image(data) == 3
+    data["annotations"][3]["iscrowd"] = 1  # an ignore region, not a target
+    path.write_text(json.dumps(data))
+    assert max_boxes_per_image(data) == 2 and small_dm(tmp_path).data_info["max_boxes_per_image"] == 2
+    assert max_boxes_per_image({"annotations": []}) == 0
+
+
 def test_collate_pads_bottom_right() -> None:
     a = (torch.ones(3, 10, 20), {"x": 1})
     b = (torch.full((3, 33, 5), 2.0), {"x": 2})
@@ -217,7 +230,7 @@ def test_collate_pads_bottom_right() -> None:
 def test_data_info_plain_types_and_category_mapping(tiny: Path, tmp_path: Path) -> None:
     dm = small_dm(tiny)
     info = dm.data_info  # available before setup
-    assert info == {"num_classes": 2, "class_names": ["cat", "dog"], "category_ids": [5, 9]}
+    assert info == {"num_classes": 2, "class_names": ["cat", "dog"], "category_ids": [5, 9], "max_boxes_per_image": 2}
     json.dumps(info)
     torch.save({"data_info": info}, tmp_path / "x.pt")
     assert torch.load(tmp_path / "x.pt", weights_only=True)["data_info"] == info

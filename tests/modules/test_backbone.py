@@ -60,3 +60,26 @@ def test_local_weights_load_and_bad_files_are_explained(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not read"):
         ImageAdapter(backbone="resnet18", d_model=32, pretrained_backbone=str(junk))
+
+
+@pytest.mark.parametrize("backbone,out", [("resnet18", 128), ("resnet50", 512)])
+def test_narrow_trunk_has_the_scaled_channels_and_trains(backbone, out):
+    """trunk_width=0.5: every stage (and the stem) at half the channels, ~1/4 of the weights, same layers."""
+    full = ImageAdapter(backbone=backbone, d_model=32, frozen_bn=False, trainable_layers=5, stride=16)
+    narrow = ImageAdapter(backbone=backbone, d_model=32, frozen_bn=False, trainable_layers=5, stride=16,
+                          trunk_width=0.5)
+    assert narrow.body[0].out_channels == 32 and narrow.input_proj.in_channels == out
+    assert [n for n, _ in narrow.body.named_parameters()] == [n for n, _ in full.body.named_parameters()]
+    count = lambda m: sum(p.numel() for p in m.body.parameters())  # noqa: E731
+    assert 0.2 < count(narrow) / count(full) < 0.3
+    tokens, pos, mask, hw = narrow(torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool))
+    assert tokens.shape == (2, 4 * 6, 32) and hw == (4, 6)
+    tokens.square().mean().backward()
+    assert narrow.body[0].weight.grad is not None and narrow.body[0].weight.grad.abs().sum() > 0
+
+
+def test_narrow_trunk_settings_are_checked():
+    with pytest.raises(ValueError, match="trunk_width must be in"):
+        ImageAdapter(backbone="resnet18", trunk_width=2.0)
+    with pytest.raises(ValueError, match="model.trunk_width=1"):
+        ImageAdapter(backbone="resnet18", trunk_width=0.5, pretrained_backbone="IMAGENET1K_V1")

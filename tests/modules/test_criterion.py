@@ -122,3 +122,28 @@ def test_evaluation_loss_runs_no_collective(monkeypatch):
     assert len(calls) == 1  # no collective
     # normaliser 4 (this rank's boxes) instead of (4 + 2) / 2 = 3
     assert local["loss_bbox"].item() == pytest.approx(synced["loss_bbox"].item() * 3 / 4, rel=1e-6)
+
+
+def test_one_to_many_encoder_matching_supervises_k_proposals_per_box():
+    """``enc_matches=k``: each box is matched to k encoder proposals (the decoder stays one-to-one)."""
+    target = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    far = [0.2, 0.2, 0.1, 0.1]
+    proposals = {"pred_logits": torch.zeros(1, 4, 2),  # sigmoid head: 2 classes, no no-object column
+                 "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], far, far]])}
+    outputs = {"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": torch.full((1, 3, 4), 0.5),
+               "enc_outputs": proposals}
+
+    def losses(k):
+        return SetCriterion(num_classes=2, matcher=HungarianMatcher(class_loss="focal"), class_loss="focal",
+                            enc_matches=k)(outputs, target)
+
+    one, two, three = losses(1), losses(2), losses(3)
+    assert one["loss_bbox_enc"] == 0 and two["loss_bbox_enc"] == 0  # the two exact proposals are the matches
+    # three matches: the two exact ones and one far one, L1 |0.3|+|0.3|+|0.1|+|0.1| over 3 matches
+    assert three["loss_bbox_enc"].item() == pytest.approx(0.8 / 3, rel=1e-5)
+    # focal loss: two positives instead of one, over twice the boxes: the positive term is the same
+    # per box and the negatives' term halves, so the total differs from one-to-one
+    assert two["loss_ce_enc"].item() != pytest.approx(one["loss_ce_enc"].item(), rel=1e-3)
+    assert two["loss_ce"] == one["loss_ce"] and two["loss_bbox"] == one["loss_bbox"]  # decoder: one-to-one
+    with pytest.raises(ValueError, match="enc_matches"):
+        SetCriterion(num_classes=2, matcher=HungarianMatcher(), enc_matches=0)

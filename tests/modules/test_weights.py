@@ -211,7 +211,7 @@ def test_defaults_are_detr_r50():
     assert model.settings == {
         "backbone": "resnet50", "d_model": 256, "nhead": 8, "num_encoder_layers": 6, "num_decoder_layers": 6,
         "dim_feedforward": 2048, "norm_first": False, "activation": "relu", "num_queries": 100,
-        "position_offset": 0.0,
+        "position_offset": 0.0, "trunk_width": 1.0,
     }
     assert not model.anchors and not model.two_stage and model.num_groups == 1 and model.aux_loss
     assert model.adapter.stride == 32 and isinstance(model.adapter.body[1], FrozenBatchNorm2d)
@@ -237,6 +237,22 @@ def test_our_checkpoint_loads_weights_and_settings(tmp_path):
         expected = src.eval()(images, mask)
         assert_queries_differ(expected)
         assert max_diff(expected, model(images, mask)) <= 1e-4
+
+
+def test_a_narrow_trunk_checkpoint_states_its_width(tmp_path):
+    """The trunk width is read off the weights: a narrow run's .ckpt rebuilds narrow, and a config that
+    says otherwise is an error naming both."""
+    src = build_detr(num_classes=2, backbone="resnet18", d_model=32, nhead=4, num_encoder_layers=1,
+                     num_decoder_layers=1, dim_feedforward=64, num_queries=5, trunk_width=0.5, stride=16,
+                     frozen_bn=False, trainable_layers=5)
+    state = {f"model.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"model": {}}, "pytorch-lightning_version": "2"},
+               tmp_path / "narrow.ckpt")
+    model = build_detr(num_classes=2, init_from=str(tmp_path / "narrow.ckpt"), stride=16, frozen_bn=False)
+    assert model.settings["trunk_width"] == 0.5 and model.adapter.body[0].out_channels == 32
+    assert model.load_report.loaded == len(model.state_dict())
+    with pytest.raises(ValueError, match=r"model.trunk_width=1.0 contradicts .*trunk_width=0.5"):
+        build_detr(num_classes=2, init_from=str(tmp_path / "narrow.ckpt"), trunk_width=1.0, stride=16)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from datamodules.coco import CocoDataModule
 from datamodules.shapes import generate_shapes_dataset
 from modules.criterion import weighted_loss
-from tasks.detection import DetectionTask
+from tasks.detection import DetectionTask, queries_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(backbone="resnet18", frozen_bn=False, trainable_layers=5, stride=16, d_model=64, nhead=4,
@@ -135,3 +135,18 @@ def test_evaluation_against_the_json_uses_the_files_category_ids(tmp_path):
 
     assert score(lambda labels: task.category_ids[labels]) > 0.99
     assert score(lambda labels: labels) < 0.01
+
+
+def test_auto_queries_follow_the_most_crowded_training_image():
+    info = {"num_classes": 2, "class_names": ["a", "b"], "category_ids": [1, 2]}
+    assert queries_for("auto", {**info, "max_boxes_per_image": 1}) == 20  # at least 20
+    assert queries_for("auto", {**info, "max_boxes_per_image": 14}) == 30  # 1.5 x 14 = 21, rounded up to 30
+    assert queries_for("auto", {**info, "max_boxes_per_image": 60}) == 90
+    task = DetectionTask(model={**SMALL, "num_queries": "auto"}, data_info={**info, "max_boxes_per_image": 40})
+    assert task.model.num_queries == 60 and task.hparams["model"]["num_queries"] == 60  # the checkpoint rebuilds 60
+    with pytest.raises(ValueError, match="set model.num_queries to a number"):
+        queries_for("auto", info)  # a data source that does not count boxes
+    with pytest.raises(ValueError, match="a number or auto"):
+        queries_for("many", info)
+    with pytest.warns(UserWarning, match="has 40 boxes but model.num_queries=10"):
+        assert queries_for(10, {**info, "max_boxes_per_image": 40}) == 10
