@@ -96,12 +96,12 @@ class BaseTask(L.LightningModule):
 
         def schedule(step: int) -> float:
             fitted = self.schedule_steps  # the length fitted to a time budget, if any
-            if fitted is None or fitted >= planned:
+            if fitted is None or fitted >= total or math.isinf(total):  # inverse_sqrt / constant: no length
                 return lr_multiplier(name, step, warmup, total, floor)
-            # a budget that stops the run early shortens the warm-up with the rest of the schedule (it
-            # keeps its share of the plan): 100 warm-up steps of a 600-step plan are 24 of 141 that fit
+            # cosine / step: a budget that stops the run early shortens the warm-up with the rest of the
+            # schedule (it keeps its share of the plan): 100 warm-up steps of a 600-step plan are 24 of 141
             short_warmup = min(warmup, math.ceil(warmup * fitted / planned))
-            return lr_multiplier(name, step, short_warmup, min(total, fitted), floor)
+            return lr_multiplier(name, step, short_warmup, fitted, floor)
 
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}

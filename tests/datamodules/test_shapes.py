@@ -150,6 +150,7 @@ def test_datamodule_generates_once_and_yields_contract(
         "num_classes": 3,
         "class_names": ["circle", "square", "triangle"],
         "category_ids": [1, 2, 3],
+        "max_boxes_per_image": 5,  # the drawing's bound, max_objects (sizes num_queries=auto)
     }
     assert not any(tmp_path.iterdir())  # data_info does not generate
     dm.setup("fit")  # without prepare_data

@@ -15,8 +15,8 @@ from tasks.callbacks import FitScheduleToTime
 
 
 class Tiny(BaseTask):
-    def __init__(self, warmup_steps: int = 0) -> None:
-        super().__init__(lr=1.0, warmup_steps=warmup_steps, scheduler="cosine", min_lr_ratio=0.01, grad_clip=None)
+    def __init__(self, warmup_steps: int = 0, scheduler: str = "cosine") -> None:
+        super().__init__(lr=1.0, warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=0.01, grad_clip=None)
         self.layer = torch.nn.Linear(2, 1)
         self.lrs: list[float] = []
 
@@ -25,9 +25,10 @@ class Tiny(BaseTask):
         return self.layer(batch[0]).pow(2).mean()
 
 
-def fit(callbacks, max_steps: int = 100, holder: dict | None = None, warmup_steps: int = 0) -> Tiny:
+def fit(callbacks, max_steps: int = 100, holder: dict | None = None, warmup_steps: int = 0,
+        scheduler: str = "cosine") -> Tiny:
     """Train ``Tiny``; ``holder["trainer"]`` is the trainer (for ``step_clock``)."""
-    task = Tiny(warmup_steps)
+    task = Tiny(warmup_steps, scheduler)
     loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
     trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
@@ -63,6 +64,15 @@ def test_a_budget_that_stops_the_run_early_shortens_the_warm_up_with_it():
     assert task.lrs[6] == pytest.approx(7 / 8) and task.lrs[7] == pytest.approx(1.0)
     assert task.lrs[8] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(0 / 32 * math.pi)))
     assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(31 / 32 * math.pi)))
+
+
+def test_inverse_sqrt_keeps_its_warm_up_under_a_budget():
+    """inverse_sqrt has no length to fit: its warm-up sets its decay, sqrt(warm-up / step), and stays."""
+    holder: dict = {}
+    callback = FitScheduleToTime(every_n_steps=5, budget_seconds=40.0, clock=step_clock(holder))
+    task = fit([callback], max_steps=100, holder=holder, warmup_steps=20, scheduler="inverse_sqrt")
+    assert callback.fitted == 40
+    assert task.lrs[9] == pytest.approx(10 / 20) and task.lrs[39] == pytest.approx(math.sqrt(20 / 40))
 
 
 def test_a_budget_with_room_to_spare_leaves_the_planned_schedule():
