@@ -316,3 +316,11 @@ def test_detr_original_recipes_verbatim_and_fair(make_cfg):
     assert all(p.requires_grad for p in body.parameters())
     assert sum(isinstance(m, nn.BatchNorm2d) and m.weight.requires_grad for m in body.modules()) == 20  # ResNet-18
     assert lrs(fair) == {"main": 1e-4, "backbone": 1e-4}
+
+
+@pytest.mark.parametrize("data,k", [("shapes", 1), ("coco", 4), ("voc", 4), ("yolo", 4), ("coco128", 4)])
+def test_photos_get_the_photo_recipe(make_cfg, data, k):
+    """task=detection with a photo data source composes configs/photo_recipe/<data>.yaml over the task
+    settings (one-to-many proposal matching); the synthetic shapes keep one-to-one."""
+    cfg = make_cfg("task=detection", f"data={data}", *([] if data == "shapes" else ["data.root=/photos"]), tiny=False)
+    assert cfg.task.enc_matches == k and cfg.task.class_loss == "focal"  # the rest of the settings stay
