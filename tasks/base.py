@@ -46,6 +46,9 @@ class BaseTask(L.LightningModule):
             third of the run).
         min_lr_ratio: final LR as a fraction of the peak for "cosine".
         grad_clip: max global gradient norm (0 or None = no clipping).
+        fit_warmup: when a time budget shortens a cosine / step schedule
+            (:class:`tasks.callbacks.FitScheduleToTime`), shorten its warm-up too, keeping its share of the
+            plan; off: the warm-up keeps its length.
     """
 
     task_name = "base"
@@ -61,13 +64,14 @@ class BaseTask(L.LightningModule):
         scheduler: str = "cosine",
         min_lr_ratio: float = 0.01,
         grad_clip: float | None = 0.1,
+        fit_warmup: bool = False,
     ) -> None:
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         self.lr, self.lr_backbone, self.weight_decay, self.betas = lr, lr_backbone, weight_decay, tuple(betas)
         self.warmup_steps, self.scheduler_name, self.min_lr_ratio = warmup_steps, scheduler, min_lr_ratio
-        self.grad_clip = grad_clip
+        self.grad_clip, self.fit_warmup = grad_clip, fit_warmup
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters trained with ``lr_backbone`` (override: e.g. the CNN trunk)."""
@@ -100,7 +104,7 @@ class BaseTask(L.LightningModule):
                 return lr_multiplier(name, step, warmup, total, floor)
             # cosine / step: a budget that stops the run early shortens the warm-up with the rest of the
             # schedule (it keeps its share of the plan): 100 warm-up steps of a 600-step plan are 24 of 141
-            short_warmup = min(warmup, math.ceil(warmup * fitted / planned))
+            short_warmup = min(warmup, math.ceil(warmup * fitted / planned)) if self.fit_warmup else warmup
             return lr_multiplier(name, step, short_warmup, fitted, floor)
 
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

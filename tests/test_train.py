@@ -323,4 +323,5 @@ def test_photos_get_the_photo_recipe(make_cfg, data, k):
     """task=detection with a photo data source composes configs/photo_recipe/<data>.yaml over the task
     settings (one-to-many proposal matching); the synthetic shapes keep one-to-one."""
     cfg = make_cfg("task=detection", f"data={data}", *([] if data == "shapes" else ["data.root=/photos"]), tiny=False)
-    assert cfg.task.enc_matches == k and cfg.task.class_loss == "focal"  # the rest of the settings stay
+    assert cfg.task.enc_matches == k and cfg.task.fit_warmup == (k == 4)
+    assert cfg.task.class_loss == "focal" and cfg.task.warmup_steps == 100  # the rest of the settings stay

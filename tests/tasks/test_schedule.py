@@ -15,8 +15,9 @@ from tasks.callbacks import FitScheduleToTime
 
 
 class Tiny(BaseTask):
-    def __init__(self, warmup_steps: int = 0, scheduler: str = "cosine") -> None:
-        super().__init__(lr=1.0, warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=0.01, grad_clip=None)
+    def __init__(self, warmup_steps: int = 0, scheduler: str = "cosine", fit_warmup: bool = True) -> None:
+        super().__init__(lr=1.0, warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=0.01, grad_clip=None,
+                         fit_warmup=fit_warmup)
         self.layer = torch.nn.Linear(2, 1)
         self.lrs: list[float] = []
 
@@ -26,9 +27,9 @@ class Tiny(BaseTask):
 
 
 def fit(callbacks, max_steps: int = 100, holder: dict | None = None, warmup_steps: int = 0,
-        scheduler: str = "cosine") -> Tiny:
+        scheduler: str = "cosine", fit_warmup: bool = True) -> Tiny:
     """Train ``Tiny``; ``holder["trainer"]`` is the trainer (for ``step_clock``)."""
-    task = Tiny(warmup_steps, scheduler)
+    task = Tiny(warmup_steps, scheduler, fit_warmup)
     loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
     trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
@@ -64,6 +65,14 @@ def test_a_budget_that_stops_the_run_early_shortens_the_warm_up_with_it():
     assert task.lrs[6] == pytest.approx(7 / 8) and task.lrs[7] == pytest.approx(1.0)
     assert task.lrs[8] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(0 / 32 * math.pi)))
     assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(31 / 32 * math.pi)))
+
+
+def test_without_fit_warmup_the_warm_up_keeps_its_length():
+    holder: dict = {}
+    callback = FitScheduleToTime(every_n_steps=5, budget_seconds=40.0, clock=step_clock(holder))
+    task = fit([callback], max_steps=100, holder=holder, warmup_steps=20, fit_warmup=False)
+    assert task.lrs[6] == pytest.approx(7 / 20) and task.lrs[19] == pytest.approx(1.0)
+    assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(19 / 20 * math.pi)))
 
 
 def test_inverse_sqrt_keeps_its_warm_up_under_a_budget():
