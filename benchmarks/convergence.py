@@ -117,16 +117,24 @@ class Probe(L.Callback):
         while self.steps and self.steps[0] <= step:
             due.append(("steps", self.steps.pop(0)))
         if due:
-            start = time.perf_counter()
-            metrics = evaluate(trainer, pl_module, self.datamodule.val_dataloader())
-            loss = trainer.callback_metrics.get("train/loss")
-            for kind, mark in due:
-                self.records.append({"mark": kind, "at": mark, "step": step, "train_seconds": round(elapsed, 1),
-                                     "train_loss": None if loss is None else round(float(loss), 4), **metrics})
-                print(f"  {kind}={mark:g}: step {step}, {elapsed:.0f}s, {metrics}", file=sys.stderr, flush=True)
-            self.paused += time.perf_counter() - start
+            self.record(trainer, pl_module, due, step, elapsed)
         if not self.seconds and not self.steps:
             trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The run ended before its last mark (its plan was shorter): evaluate where it ended."""
+        if self.seconds or self.steps:
+            self.record(trainer, pl_module, [("end", trainer.global_step)], trainer.global_step, self.train_seconds())
+
+    def record(self, trainer, pl_module, due: list[tuple[str, float]], step: int, elapsed: float) -> None:
+        start = time.perf_counter()
+        metrics = evaluate(trainer, pl_module, self.datamodule.val_dataloader())
+        loss = trainer.callback_metrics.get("train/loss")
+        for kind, mark in due:
+            self.records.append({"mark": kind, "at": mark, "step": step, "train_seconds": round(elapsed, 1),
+                                 "train_loss": None if loss is None else round(float(loss), 4), **metrics})
+            print(f"  {kind}={mark:g}: step {step}, {elapsed:.0f}s, {metrics}", file=sys.stderr, flush=True)
+        self.paused += time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -146,11 +154,14 @@ def evaluate(trainer, task, loader) -> dict[str, float]:
 
 
 def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: list[int],
-               save_checkpoint: str | None = None, fit_schedule: bool = False) -> dict:
+               save_checkpoint: str | None = None, fit_schedule: bool = False, plan: bool = False) -> dict:
     """Train recipe ``name`` to the last mark, evaluating at each; ``save_checkpoint``: also write the
     final model there as a checkpoint that ``eval.py`` / ``predict.py`` read (data settings included).
-    ``fit_schedule``: the LR schedule ends at the last minute mark (``FitScheduleToTime`` on the
-    training clock), as a ``trainer.max_time`` run's does."""
+    ``plan``: the trainer keeps the config's ``max_epochs`` / ``max_steps`` (the LR schedule's planned
+    length, as in ``train.py``; without it the run has no planned end and the cosine stays at its peak
+    after the warm-up); a plan that ends before the last mark ends the run, evaluated there (mark
+    ``end``). ``fit_schedule`` (implies ``plan``): the LR schedule ends at the last minute mark
+    (``FitScheduleToTime`` on the training clock), as a ``trainer.max_time`` run's does."""
     register_resolvers()
     register_schema()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -165,9 +176,15 @@ def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: lis
     callbacks = [probe]
     if fit_schedule and seconds:
         callbacks.append(FitScheduleToTime(budget_seconds=max(seconds), clock=probe.train_seconds))
+    # the run is stopped by Probe at its last mark; with plan (and fit_schedule) the trainer keeps the
+    # config's max_epochs / max_steps, so the LR schedule has train.py's planned length (the fitted
+    # cosine's warm-up keeps its share of that plan), and a plan that ends first ends the run there
+    plan = plan or fit_schedule
+    length = {"max_epochs": cfg.trainer.max_epochs, "max_steps": cfg.trainer.get("max_steps", -1)} if plan else \
+        {"max_epochs": -1, "max_steps": -1}
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        max_epochs=-1, max_steps=-1, max_time=None, limit_val_batches=0, num_sanity_val_steps=0,
+        **length, max_time=None, limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(ROOT / "outputs" / "convergence"),
     )
     start = time.perf_counter()

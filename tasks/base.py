@@ -94,17 +94,20 @@ class BaseTask(L.LightningModule):
     def configure_optimizers(self):
         groups = self.param_groups()
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
-        planned = float(self.trainer.estimated_stepping_batches)
-        total = planned if self.scheduler_name in ("cosine", "step") else math.inf
+        planned = float(self.trainer.estimated_stepping_batches)  # inf: no plan (max_epochs=-1, max_steps=-1)
         name, warmup, floor = self.scheduler_name, self.warmup_steps, self.min_lr_ratio
+        total = planned if name in ("cosine", "step") else math.inf
 
         def schedule(step: int) -> float:
             fitted = self.schedule_steps  # the length fitted to a time budget, if any
-            if fitted is None or fitted >= total or math.isinf(total):  # inverse_sqrt / constant: no length
+            if fitted is None or fitted >= total or name not in ("cosine", "step"):  # inverse_sqrt / constant: no length
                 return lr_multiplier(name, step, warmup, total, floor)
-            # cosine / step: a budget that stops the run early shortens the warm-up with the rest of the
-            # schedule (it keeps its share of the plan): 100 warm-up steps of a 600-step plan are 24 of 141
-            short_warmup = min(warmup, math.ceil(warmup * fitted / planned)) if self.fit_warmup else warmup
+            # cosine / step: a budget that stops the run before its plan's end (or a run with no planned end)
+            # ends the schedule with the budget; fit_warmup: the warm-up keeps its share of a finite plan
+            # (100 warm-up steps of a 600-step plan are 24 of 141)
+            short_warmup = warmup
+            if self.fit_warmup and math.isfinite(planned):
+                short_warmup = min(warmup, math.ceil(warmup * fitted / planned))
             return lr_multiplier(name, step, short_warmup, fitted, floor)
 
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

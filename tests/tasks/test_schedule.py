@@ -27,11 +27,11 @@ class Tiny(BaseTask):
 
 
 def fit(callbacks, max_steps: int = 100, holder: dict | None = None, warmup_steps: int = 0,
-        scheduler: str = "cosine", fit_warmup: bool = True) -> Tiny:
+        scheduler: str = "cosine", fit_warmup: bool = True, max_epochs: int | None = None) -> Tiny:
     """Train ``Tiny``; ``holder["trainer"]`` is the trainer (for ``step_clock``)."""
     task = Tiny(warmup_steps, scheduler, fit_warmup)
     loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=1)
-    trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=max_steps, max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     if holder is not None:
         holder["trainer"] = trainer
@@ -73,6 +73,26 @@ def test_without_fit_warmup_the_warm_up_keeps_its_length():
     task = fit([callback], max_steps=100, holder=holder, warmup_steps=20, fit_warmup=False)
     assert task.lrs[6] == pytest.approx(7 / 20) and task.lrs[19] == pytest.approx(1.0)
     assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(19 / 20 * math.pi)))
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.should_stop = trainer.global_step >= self.step
+
+
+def test_a_run_with_no_planned_end_gets_its_schedule_from_the_budget():
+    """max_epochs=-1, max_steps=-1 (no plan) and a time budget: the cosine ends with the budget (it was
+    constant before); the warm-up has no share of a plan to keep, so it keeps its length."""
+    holder: dict = {}
+    callback = FitScheduleToTime(every_n_steps=5, budget_seconds=40.0, clock=step_clock(holder))
+    task = fit([callback, StopAt(42)], max_steps=-1, max_epochs=-1, holder=holder, warmup_steps=10)
+    assert callback.fitted == 40
+    assert task.lrs[9] == pytest.approx(1.0)
+    assert task.lrs[39] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(29 / 30 * math.pi)))
+    assert task.lrs[41] == pytest.approx(0.01)
 
 
 def test_inverse_sqrt_keeps_its_warm_up_under_a_budget():
