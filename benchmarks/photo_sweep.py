@@ -78,7 +78,7 @@ def launch(name: str, seed: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--threads", str(args.threads),
            "--marks", *map(str, marks), "--", *overrides]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
         print(f"FAIL {name} seed {seed}: {' | '.join(tail)}", file=sys.stderr, flush=True)
