@@ -49,6 +49,7 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
     "three_quarter": (195, THREE_Q),
     "half": (280, HALF),
     "half_k1": (280, [*HALF, "task.enc_matches=1"]),
+    "half_k2": (280, [*HALF, "task.enc_matches=2"]),
     "half_k8": (280, [*HALF, "task.enc_matches=8"]),
     "half_lr1e-3": (280, [*HALF, *LR1E3]),
 }
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="the raccoon folder (default: %(default)s)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", nargs="+", metavar="RECIPE:SEED", help="these runs instead of recipes x seeds")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
@@ -129,7 +131,13 @@ def main() -> None:
     if not (args.root / "train.json").is_file():
         parser.error(f"{args.root} is not the raccoon folder (no train.json); pass --root")
     start = time.perf_counter()
-    jobs = [(name, seed) for seed in args.seeds for name in args.recipes]
+    jobs = [(name, seed) for seed in args.seeds for name in args.recipes]  # seed-major: a cut run has every recipe
+    if args.jobs:
+        jobs = [(job.rsplit(":", 1)[0], int(job.rsplit(":", 1)[1])) for job in args.jobs]
+        unknown = sorted({name for name, _ in jobs} - set(RECIPES))
+        if unknown:
+            parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+        args.recipes = list(dict.fromkeys(name for name, _ in jobs))
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         results = list(pool.map(lambda job: launch(*job, args), jobs))
     results.sort(key=lambda r: (args.recipes.index(r["recipe"]), r["seed"]))

@@ -55,11 +55,18 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if fast_bf16_available(accelerator) else "32-true"
 
 
+def if_scratch(pretrained_backbone: str | None, init_from: str | None, value: object) -> object:
+    """``value`` for a model trained from scratch (no trunk weights, no whole-model weights), else None
+    (a setting the weights decide, such as the trunk width)."""
+    return value if not pretrained_backbone and not init_from else None
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mtdetr.root"):
         OmegaConf.register_new_resolver("mtdetr.root", lambda: str(ROOT))
         OmegaConf.register_new_resolver("mtdetr.wandb_offline", lambda: not wandb_has_credentials())
         OmegaConf.register_new_resolver("mtdetr.auto_precision", auto_precision)
+        OmegaConf.register_new_resolver("mtdetr.if_scratch", if_scratch)
         # looked up at each call, so that a test can force either answer
         OmegaConf.register_new_resolver("mtdetr.fast_bf16", lambda accelerator="auto": fast_bf16_available(accelerator))
 

@@ -318,10 +318,22 @@ def test_detr_original_recipes_verbatim_and_fair(make_cfg):
     assert lrs(fair) == {"main": 1e-4, "backbone": 1e-4}
 
 
-@pytest.mark.parametrize("data,k", [("shapes", 1), ("coco", 4), ("voc", 4), ("yolo", 4), ("coco128", 4)])
-def test_photos_get_the_photo_recipe(make_cfg, data, k):
-    """task=detection with a photo data source composes configs/photo_recipe/<data>.yaml over the task
-    settings (one-to-many proposal matching); the synthetic shapes keep one-to-one."""
-    cfg = make_cfg("task=detection", f"data={data}", *([] if data == "shapes" else ["data.root=/photos"]), tiny=False)
-    assert cfg.task.enc_matches == k and cfg.task.fit_warmup == (k == 4)
+@pytest.mark.parametrize("data", ["shapes", "coco", "voc", "yolo", "coco128"])
+def test_photos_get_the_photo_recipe(make_cfg, data):
+    """task=detection with a photo data source composes configs/photo_recipe/<data>.yaml: from scratch a
+    half-width trunk and the fitted warm-up; the synthetic shapes keep the full trunk and their warm-up."""
+    photos = data != "shapes"
+    cfg = make_cfg("task=detection", f"data={data}", *(["data.root=/photos"] if photos else []), tiny=False)
+    assert cfg.model.trunk_width == (0.5 if photos else 1.0) and cfg.task.fit_warmup == photos
+    assert cfg.task.enc_matches == 1
     assert cfg.task.class_loss == "focal" and cfg.task.warmup_steps == 100  # the rest of the settings stay
+
+
+@pytest.mark.parametrize("weights", ["model.pretrained_backbone=IMAGENET1K_V1", "model.init_from=/w/detr.ckpt"])
+def test_the_photo_recipe_leaves_the_trunk_width_to_pretrained_weights(make_cfg, weights):
+    """With trunk or whole-model weights the recipe states no width (null): the weights' own (full) width
+    is built, not a half-width trunk that the weights could not fill."""
+    cfg = make_cfg("task=detection", "data=coco", "data.root=/photos", weights, tiny=False)
+    assert cfg.model.trunk_width is None
+    explicit = make_cfg("task=detection", "data=coco", "data.root=/photos", weights, "model.trunk_width=1", tiny=False)
+    assert explicit.model.trunk_width == 1
