@@ -42,23 +42,23 @@ FULL, THREE_Q, HALF = "model.trunk_width=1.0", "model.trunk_width=0.75", "model.
 LR1E3 = ["task.lr=1e-3", "task.lr_backbone=1e-3"]
 
 
-def k(n: int) -> str:
+def matches(n: int) -> str:
     return f"task.enc_matches={n}"
 
 
 # name: (steps in 15 CPU-minutes on EPYC-AVX2 at that trunk width, overrides over data=coco's recipe);
 # each states its trunk width and proposal matching, so a change of the shipped recipe changes none
 RECIPES: dict[str, tuple[int, list[str]]] = {
-    "full_k4": (136, [FULL, k(4)]),                 # the photo recipe of stop 23
-    "full_k1": (136, [FULL, k(1)]),
-    "full_k8": (136, [FULL, k(8)]),
-    "full_k4_lr1e-3": (136, [FULL, k(4), *LR1E3]),
-    "three_quarter_k4": (195, [THREE_Q, k(4)]),
-    "half_k4": (280, [HALF, k(4)]),
-    "half_k1": (280, [HALF, k(1)]),                 # the photo recipe now
-    "half_k2": (280, [HALF, k(2)]),
-    "half_k8": (280, [HALF, k(8)]),
-    "half_k4_lr1e-3": (280, [HALF, k(4), *LR1E3]),
+    "full_k4": (136, [FULL, matches(4)]),                 # the photo recipe of stop 23
+    "full_k1": (136, [FULL, matches(1)]),
+    "full_k8": (136, [FULL, matches(8)]),
+    "full_k4_lr1e-3": (136, [FULL, matches(4), *LR1E3]),
+    "three_quarter_k4": (195, [THREE_Q, matches(4)]),
+    "half_k4": (280, [HALF, matches(4)]),
+    "half_k1": (280, [HALF, matches(1)]),                 # the photo recipe now
+    "half_k2": (280, [HALF, matches(2)]),
+    "half_k8": (280, [HALF, matches(8)]),
+    "half_k4_lr1e-3": (280, [HALF, matches(4), *LR1E3]),
 }
 
 
