@@ -176,12 +176,9 @@ def run_recipe(name: str, overrides: list[str], seconds: list[float], steps: lis
     callbacks = [probe]
     if fit_schedule and seconds:
         callbacks.append(FitScheduleToTime(budget_seconds=max(seconds), clock=probe.train_seconds))
-    # the run is stopped by Probe at its last mark; with plan (and fit_schedule) the trainer keeps the
-    # config's max_epochs / max_steps, so the LR schedule has train.py's planned length (the fitted
-    # cosine's warm-up keeps its share of that plan), and a plan that ends first ends the run there
-    plan = plan or fit_schedule
-    length = {"max_epochs": cfg.trainer.max_epochs, "max_steps": cfg.trainer.get("max_steps", -1)} if plan else \
-        {"max_epochs": -1, "max_steps": -1}
+    # Probe stops the run at its last mark; a plan (see the docstring) can end it first
+    planned = plan or fit_schedule
+    length = {"max_epochs": cfg.trainer.max_epochs if planned else -1, "max_steps": cfg.trainer.max_steps if planned else -1}
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         **length, max_time=None, limit_val_batches=0, num_sanity_val_steps=0,

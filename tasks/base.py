@@ -96,11 +96,12 @@ class BaseTask(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         planned = float(self.trainer.estimated_stepping_batches)  # inf: no plan (max_epochs=-1, max_steps=-1)
         name, warmup, floor = self.scheduler_name, self.warmup_steps, self.min_lr_ratio
-        total = planned if name in ("cosine", "step") else math.inf
+        has_length = name in ("cosine", "step")  # inverse_sqrt / constant: no length to fit
+        total = planned if has_length else math.inf
 
         def schedule(step: int) -> float:
             fitted = self.schedule_steps  # the length fitted to a time budget, if any
-            if fitted is None or fitted >= total or name not in ("cosine", "step"):  # inverse_sqrt / constant: no length
+            if not has_length or fitted is None or fitted >= total:
                 return lr_multiplier(name, step, warmup, total, floor)
             # cosine / step: a budget that stops the run before its plan's end (or a run with no planned end)
             # ends the schedule with the budget; fit_warmup: the warm-up keeps its share of a finite plan
