@@ -1,7 +1,9 @@
-"""Image adapter: ResNet trunk -> 1x1 projection -> flattened tokens with 2-D sine positions."""
+"""Image adapter: ResNet trunk -> 1x1 projection -> flattened tokens with 2-D sine positions, and the
+hybrid encoder's fusion neck (attention on the stride-32 tokens, fused into the stride-16 map)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -160,6 +162,24 @@ class _NarrowResNet(torchvision.models.ResNet):
         return super()._make_layer(block, self.scaled(planes), blocks, stride, dilate)
 
 
+class FusionNeck(nn.Module):
+    """Top-down fusion of one coarser level (an FPN step; RT-DETR's cross-scale fusion, top-down half):
+    the encoded stride-32 map, upsampled 2x, is concatenated with the stride-16 map, reduced to ``d``
+    channels by a 1x1 convolution and refined by a residual 3x3 convolution, each with GroupNorm
+    (batch-size independent) and ReLU."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        groups = math.gcd(32, d)
+        self.reduce = nn.Sequential(nn.Conv2d(2 * d, d, 1, bias=False), nn.GroupNorm(groups, d), nn.ReLU())
+        self.refine = nn.Sequential(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.GroupNorm(groups, d), nn.ReLU())
+
+    def forward(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        up = F.interpolate(coarse, size=fine.shape[-2:], mode="nearest")
+        x = self.reduce(torch.cat((fine, up), dim=1))
+        return x + self.refine(x)
+
+
 class ImageAdapter(nn.Module):
     """Turns images into encoder tokens.
 
@@ -177,6 +197,10 @@ class ImageAdapter(nn.Module):
         channels_last: run the trunk in channels-last memory format (faster convolutions on CPU and GPU).
         trunk_width: channels of the stem and every ResNet stage x this (1: torchvision's ResNet; 0.5 a
             ~4x cheaper from-scratch trunk; pretrained weights need 1).
+        encoder_stride: the tokens the shared encoder's self-attention reads: None (or ``stride``) all
+            of the trunk's tokens; 32 with ``stride=16`` the hybrid encoder (RT-DETR's): layer4's stride-32
+            tokens (1/4 of the tokens, 1/16 of the attention) are encoded, then :class:`FusionNeck` fuses
+            them into the stride-16 map, whose tokens are the memory the decoder reads.
         position_offset: subtracted from the cell counts of the 2-D sine positions before normalising:
             0 is DETR's convention, 0.5 (this class's default, kept for its other users) Deformable DETR's.
     """
@@ -194,6 +218,7 @@ class ImageAdapter(nn.Module):
         channels_last: bool = True,
         position_offset: float = 0.5,
         trunk_width: float = 1.0,
+        encoder_stride: int | None = None,
     ) -> None:
         super().__init__()
         if backbone not in _RESNETS:
@@ -205,6 +230,8 @@ class ImageAdapter(nn.Module):
                              f"{trunk_width}) or model.pretrained_backbone=null")
         if stride not in (16, 32):
             raise ValueError(f"stride must be 16 or 32, got {stride}")
+        if encoder_stride not in (None, stride, 32):
+            raise ValueError(f"encoder_stride must be null, the trunk's stride ({stride}) or 32, got {encoder_stride}")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
@@ -223,28 +250,58 @@ class ImageAdapter(nn.Module):
         if frozen_bn and fuse_frozen_bn:
             _fuse_frozen_bn(trunk)
         layers = [trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3]
-        channels = round(_RESNETS[backbone] * trunk_width)
-        if stride == 32:
+        self.hybrid = stride == 16 and encoder_stride == 32
+        full, half = round(_RESNETS[backbone] * trunk_width), round(_RESNETS[backbone] // 2 * trunk_width)
+        if stride == 32 or self.hybrid:
             layers.append(trunk.layer4)
-        else:
-            channels = round(_RESNETS[backbone] // 2 * trunk_width)
         self.body = nn.Sequential(*layers)
-        self.input_proj = nn.Conv2d(channels, d_model, kernel_size=1)
+        self.input_proj = nn.Conv2d(full if stride == 32 else half, d_model, kernel_size=1)
+        if self.hybrid:
+            self.coarse_proj = nn.Conv2d(full, d_model, kernel_size=1)
+            self.neck = FusionNeck(d_model)
         self.d_model, self.stride, self.channels_last = d_model, stride, channels_last
         self.position_offset = position_offset
         self.fused = frozen_bn and fuse_frozen_bn
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """The projected trunk maps ``[B, D, h, w]``: the stride-``stride`` one, then (hybrid) the
+        stride-32 one."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if not self.hybrid:
+            return [self.input_proj(self.body(images))]
+        fine = self.body[:-1](images)
+        return [self.input_proj(fine), self.coarse_proj(self.body[-1](fine))]
+
+    def tokens(self, feat: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+        """A map ``[B, D, h, w]`` as tokens ``[B, h*w, D]``, positions ``[B, h*w, D]``, padding mask
+        ``[B, h*w]`` and (h, w)."""
+        h, w = feat.shape[-2:]
+        mask = F.interpolate(pixel_mask[:, None].float(), size=(h, w)).to(torch.bool)[:, 0]
+        pos = sine_positions_2d(mask, self.d_model, offset=self.position_offset).flatten(1, 2).to(feat.dtype)
+        return feat.flatten(2).transpose(1, 2), pos, mask.flatten(1), (h, w)
 
     def forward(
         self,
         images: Tensor,  # [B, 3, H, W] normalised, zero-padded
         pixel_mask: Tensor,  # [B, H, W] bool, True = padding
     ) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
-        """Returns tokens ``[B, h*w, D]``, positions ``[B, h*w, D]``, padding mask ``[B, h*w]`` and (h, w)."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        feat = self.input_proj(self.body(images))  # [B, D, h, w]
-        h, w = feat.shape[-2:]
-        mask = F.interpolate(pixel_mask[:, None].float(), size=(h, w)).to(torch.bool)[:, 0]
-        pos = sine_positions_2d(mask, self.d_model, offset=self.position_offset).flatten(1, 2).to(feat.dtype)
-        tokens = feat.flatten(2).transpose(1, 2)
-        return tokens, pos, mask.flatten(1), (h, w)
+        """The encoder's input: tokens ``[B, h*w, D]``, positions ``[B, h*w, D]``, padding mask
+        ``[B, h*w]`` and (h, w) (hybrid: of the stride-32 map)."""
+        return self.tokens(self.features(images)[-1], pixel_mask)
+
+    def encode(self, images: Tensor, pixel_mask: Tensor, transformer: nn.Module
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, tuple[int, int]]:
+        """Images through ``transformer.encode``: the memory the decoder reads ``[B, h*w, D]``, its
+        positions, its padding mask ``[B, h*w]``, the same mask or None when nothing is padded (the
+        argument attention takes: masks only cost time when used) and (h, w). Hybrid: the encoder
+        reads the stride-32 tokens and the memory is the fused stride-16 map's tokens."""
+        maps = self.features(images)
+        tokens, pos, mask, hw = self.tokens(maps[-1], pixel_mask)
+        mask_arg = mask if bool(mask.any()) else None
+        memory = transformer.encode(tokens, pos, mask_arg)
+        if not self.hybrid:
+            return memory, pos, mask, mask_arg, hw
+        coarse = memory.transpose(1, 2).reshape(memory.shape[0], -1, *hw)
+        memory, pos, mask, hw = self.tokens(self.neck(maps[0], coarse), pixel_mask)
+        return memory, pos, mask, mask if bool(mask.any()) else None, hw

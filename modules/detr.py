@@ -304,10 +304,7 @@ class DETR(nn.Module):
             layer; (two-stage) ``enc_outputs``, the token proposals; (denoising) ``dn_outputs``, the
             same for the denoising queries plus ``dn`` (:class:`Denoising`).
         """
-        tokens, pos, mask, hw = self.adapter(images, pixel_mask)
-        # padding masks only cost time when some image is actually padded
-        mask_arg = mask if bool(mask.any()) else None
-        memory = self.transformer.encode(tokens, pos, mask_arg)
+        memory, pos, mask, mask_arg, hw = self.adapter.encode(images, pixel_mask, self.transformer)
         groups = self.num_groups if self.training else 1
         queries = self._queries(memory, mask, hw, groups, targets)
         hs, layer_anchors = self._decode(queries, memory, pos, mask_arg, groups)
@@ -393,7 +390,7 @@ class DETR(nn.Module):
 DETR_R50 = {
     "backbone": "resnet50", "d_model": 256, "nhead": 8, "num_encoder_layers": 6, "num_decoder_layers": 6,
     "dim_feedforward": 2048, "norm_first": False, "activation": "relu", "num_queries": 100, "position_offset": 0.0,
-    "trunk_width": 1.0,
+    "trunk_width": 1.0, "encoder_stride": None,
 }
 
 
@@ -425,7 +422,7 @@ def build_detr(
     # the image adapter (ImageAdapter)
     backbone: str | None = None, pretrained_backbone: str | None = None, frozen_bn: bool = True,
     trainable_layers: int = 3, stride: int = 32, fuse_frozen_bn: bool = False, channels_last: bool = False,
-    position_offset: float | None = None, trunk_width: float | None = None,
+    position_offset: float | None = None, trunk_width: float | None = None, encoder_stride: int | None = None,
     # the transformer (Seq2SeqTransformer)
     d_model: int | None = None, nhead: int | None = None, num_encoder_layers: int | None = None,
     num_decoder_layers: int | None = None, dim_feedforward: int | None = None, dropout: float = 0.1,
@@ -456,6 +453,7 @@ def build_detr(
         backbone=arch["backbone"], d_model=arch["d_model"], pretrained_backbone=pretrained_backbone,
         frozen_bn=frozen_bn, trainable_layers=trainable_layers, stride=stride, fuse_frozen_bn=fuse_frozen_bn,
         channels_last=channels_last, position_offset=arch["position_offset"], trunk_width=arch["trunk_width"],
+        encoder_stride=arch["encoder_stride"],
     )
     transformer = transformer or _transformer(arch, dropout)
     model = DETR(

@@ -132,14 +132,6 @@ class GroupFC(nn.Module):
         return (hs * self.weight).sum(-1) + self.bias
 
 
-def _encode_images(adapter: ImageAdapter, transformer: Seq2SeqTransformer, images: Tensor,
-                   pixel_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Image tokens through the shared encoder: memory ``[B, S, D]``, positions, padding mask (or None)."""
-    tokens, pos, mask, _ = adapter(images, pixel_mask)
-    mask_arg = mask if bool(mask.any()) else None  # padding masks only cost time when used
-    return transformer.encode(tokens, pos, mask_arg), pos, mask_arg
-
-
 class Query2Label(nn.Module):
     """Label queries decoded in parallel: one learned query per class, one logit each.
 
@@ -158,7 +150,7 @@ class Query2Label(nn.Module):
 
     def forward(self, images: Tensor, pixel_mask: Tensor) -> Tensor:
         """``images`` ``[B, 3, H, W]``, ``pixel_mask`` ``[B, H, W]`` (True = padding) -> logits ``[B, C]``."""
-        memory, pos, mask = _encode_images(self.adapter, self.transformer, images, pixel_mask)
+        memory, pos, _, mask, _ = self.adapter.encode(images, pixel_mask, self.transformer)
         queries = self.query_embed.weight.unsqueeze(0).expand(images.shape[0], -1, -1)
         hs = self.transformer.decode_states(torch.zeros_like(queries), memory, queries, pos, mask,
                                      return_intermediate=False)[0]  # [B, C, D]
@@ -272,7 +264,7 @@ class LabelSequenceModel(nn.Module):
     # decoding interface (modules.decoding) ----------------------------------------------------------
     def pack_memory(self, images: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor | None]:
         """Encode images: ``[B, S, 2D]`` (memory and positions side by side) and the padding mask."""
-        memory, pos, mask = _encode_images(self.adapter, self.transformer, images, pixel_mask)
+        memory, pos, _, mask, _ = self.adapter.encode(images, pixel_mask, self.transformer)
         return torch.cat([memory, pos.to(memory.dtype).expand_as(memory)], -1), mask
 
     def encode(self, src: Tensor, src_padding_mask: Tensor | None = None) -> Tensor:
@@ -353,6 +345,7 @@ def build_multilabel(
     frozen_bn: bool = False,
     trainable_layers: int = 5,
     stride: int = 32,
+    encoder_stride: int | None = None,
     fuse_frozen_bn: bool = True,
     channels_last: bool = True,
     d_model: int = 128,
@@ -373,6 +366,7 @@ def build_multilabel(
     adapter = ImageAdapter(
         backbone=backbone, d_model=d_model, pretrained_backbone=pretrained_backbone, frozen_bn=frozen_bn,
         trainable_layers=trainable_layers, stride=stride, fuse_frozen_bn=fuse_frozen_bn, channels_last=channels_last,
+        encoder_stride=encoder_stride,
     )
     if transformer is None:
         transformer = Seq2SeqTransformer(

@@ -29,7 +29,7 @@ TRUNK = "adapter.trunk."
 # build_detr settings a source can state; the others (dropout, trainable layers, ...) are training choices
 ARCHITECTURE = (
     "backbone", "d_model", "nhead", "num_encoder_layers", "num_decoder_layers", "dim_feedforward",
-    "norm_first", "activation", "num_queries", "position_offset", "trunk_width",
+    "norm_first", "activation", "num_queries", "position_offset", "trunk_width", "encoder_stride",
 )
 _DETR_COMPUTATION = {"position_offset": 0.0, "activation": "relu"}  # what DETR's code fixes
 
@@ -197,6 +197,8 @@ def settings_from_weights(state: dict[str, Tensor]) -> dict[str, Any]:
         s["backbone"] = name
     if (stem := state.get(f"{TRUNK}conv1.weight")) is not None:
         s["trunk_width"] = stem.shape[0] / 64
+    if "adapter.neck.reduce.0.weight" in state:  # the hybrid encoder's fusion neck
+        s["encoder_stride"] = 32
     return s
 
 

@@ -46,8 +46,10 @@ def real_batch(predictor) -> dict:
     return predictor._batch([pil for _, pil in loaded], predictor.transform())
 
 
-@pytest.mark.parametrize("class_loss,model", [("focal", CPU_DEFAULT), ("ce", {**CPU_DEFAULT, "anchor_queries": False,
-                         "box_refine": False, "num_groups": 1, "two_stage": False})], ids=["cpu-default", "original"])
+@pytest.mark.parametrize("class_loss,model", [
+    ("focal", CPU_DEFAULT), ("focal", {**CPU_DEFAULT, "trunk_width": 0.5, "encoder_stride": 32}),
+    ("ce", {**CPU_DEFAULT, "anchor_queries": False, "box_refine": False, "num_groups": 1, "two_stage": False}),
+], ids=["cpu-default", "photo-recipe", "original"])
 @pytest.mark.slow
 def test_detection_onnx_equals_pytorch_on_real_images(tmp_path, class_loss, model):
     torch.manual_seed(0)

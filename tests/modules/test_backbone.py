@@ -4,6 +4,7 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from modules.backbone import ImageAdapter, _fuse_frozen_bn
+from modules.transformer import Seq2SeqTransformer
 
 
 def randomise_frozen_bn(model):
@@ -83,3 +84,44 @@ def test_narrow_trunk_settings_are_checked():
         ImageAdapter(backbone="resnet18", trunk_width=2.0)
     with pytest.raises(ValueError, match="model.trunk_width=1"):
         ImageAdapter(backbone="resnet18", trunk_width=0.5, pretrained_backbone="IMAGENET1K_V1")
+
+
+def test_the_hybrid_encoder_attends_on_stride_32_and_gives_the_decoder_stride_16():
+    """encoder_stride=32 with stride=16: the shared encoder reads layer4's 2x3 tokens, the memory is the
+    fused 4x6 stride-16 map (the neck over the encoded tokens), and every new part gets gradients."""
+    torch.manual_seed(0)
+    adapter = ImageAdapter(backbone="resnet18", d_model=32, stride=16, encoder_stride=32, frozen_bn=False,
+                           trainable_layers=5, trunk_width=0.5)
+    transformer = Seq2SeqTransformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                                     dim_feedforward=64, dropout=0.0)
+    images = torch.randn(2, 3, 64, 96)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, :, 64:] = True
+    tokens, pos, token_mask, hw = adapter(images, mask)  # the encoder's input
+    assert hw == (2, 3) and tokens.shape == (2, 6, 32) and token_mask[1].view(2, 3)[:, -1].all()
+    memory, memory_pos, memory_mask, mask_arg, memory_hw = adapter.encode(images, mask, transformer)
+    assert memory_hw == (4, 6) and memory.shape == memory_pos.shape == (2, 24, 32)
+    assert mask_arg is memory_mask and memory_mask[1].view(4, 6)[:, 4:].all() and not memory_mask[0].any()
+    coarse = transformer.encode(tokens, pos, token_mask).transpose(1, 2).reshape(2, 32, 2, 3)
+    fused = adapter.neck(adapter.features(images)[0], coarse)
+    torch.testing.assert_close(memory, fused.flatten(2).transpose(1, 2))
+    memory.square().mean().backward()
+    for part in (adapter.body[7], adapter.body[4], adapter.coarse_proj, adapter.input_proj, adapter.neck,
+                 transformer.encoder_layers):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_the_plain_encoder_is_unchanged_by_encode():
+    """Without the hybrid, ``encode`` is the encoder over the adapter's tokens, and no mask is passed
+    when nothing is padded."""
+    torch.manual_seed(0)
+    adapter = ImageAdapter(backbone="resnet18", d_model=32, stride=16, encoder_stride=16).eval()
+    transformer = Seq2SeqTransformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                                     dim_feedforward=64, dropout=0.0).eval()
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    memory, pos, token_mask, mask_arg, hw = adapter.encode(images, mask, transformer)
+    tokens, pos_ref, _, hw_ref = adapter(images, mask)
+    assert mask_arg is None and hw == hw_ref == (4, 4) and not hasattr(adapter, "neck")
+    torch.testing.assert_close(memory, transformer.encode(tokens, pos_ref, None))
+    with pytest.raises(ValueError, match="encoder_stride must be"):
+        ImageAdapter(backbone="resnet18", stride=16, encoder_stride=8)

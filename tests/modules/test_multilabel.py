@@ -228,3 +228,21 @@ def test_tiny_model_learns_an_easy_multilabel_task(decoder):
     print(f"{decoder}: {step} steps, {time.time() - start:.1f}s, mAP {before:.3f} -> {result:.3f}")
     assert before < 0.8
     assert result >= 0.95
+
+
+@pytest.mark.parametrize("decoder", ["parallel", "sequence"])
+def test_both_decoders_read_the_hybrid_encoders_memory(decoder):
+    """encoder_stride=32: the label decoders cross-attend to the fused stride-16 memory and train through
+    the neck into layer4."""
+    torch.manual_seed(0)
+    model = build_multilabel(num_classes=3, decoder=decoder, **{**TINY, "stride": 16, "encoder_stride": 32})
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    memory, _, _, _, hw = model.adapter.encode(images, mask, model.transformer)
+    assert model.adapter.hybrid and hw == (4, 4) and memory.shape[1] == 16
+    if decoder == "parallel":
+        loss = model(images, mask).sum()
+    else:
+        loss = model(images, mask, model.targets(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))).sum()
+    loss.backward()
+    assert model.adapter.neck.refine[0].weight.grad.abs().sum() > 0
+    assert model.adapter.body[7][0].conv1.weight.grad.abs().sum() > 0

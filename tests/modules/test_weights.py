@@ -211,7 +211,7 @@ def test_defaults_are_detr_r50():
     assert model.settings == {
         "backbone": "resnet50", "d_model": 256, "nhead": 8, "num_encoder_layers": 6, "num_decoder_layers": 6,
         "dim_feedforward": 2048, "norm_first": False, "activation": "relu", "num_queries": 100,
-        "position_offset": 0.0, "trunk_width": 1.0,
+        "position_offset": 0.0, "trunk_width": 1.0, "encoder_stride": None,
     }
     assert not model.anchors and not model.two_stage and model.num_groups == 1 and model.aux_loss
     assert model.adapter.stride == 32 and isinstance(model.adapter.body[1], FrozenBatchNorm2d)
@@ -253,6 +253,32 @@ def test_a_narrow_trunk_checkpoint_states_its_width(tmp_path):
     assert model.load_report.loaded == len(model.state_dict())
     with pytest.raises(ValueError, match=r"model.trunk_width=1.0 contradicts .*trunk_width=0.5"):
         build_detr(num_classes=2, init_from=str(tmp_path / "narrow.ckpt"), trunk_width=1.0, stride=16)
+
+
+def test_a_hybrid_encoder_checkpoint_rebuilds_its_neck(tmp_path):
+    """The hybrid encoder is read off the weights (its fusion neck): a .ckpt whose saved settings say
+    nothing of it rebuilds it and computes the same detections; a config that says otherwise is an error."""
+    torch.manual_seed(0)
+    src = build_detr(num_classes=2, backbone="resnet18", d_model=32, nhead=4, num_encoder_layers=1,
+                     num_decoder_layers=1, dim_feedforward=64, num_queries=5, trunk_width=0.5, stride=16,
+                     encoder_stride=32, frozen_bn=False, trainable_layers=5, two_stage=True, anchor_queries=True,
+                     class_loss="focal").eval()
+    state = {f"model.{k}": v for k, v in src.state_dict().items()}
+    sizes = {"backbone": "resnet18", "d_model": 32, "nhead": 4, "num_encoder_layers": 1, "num_decoder_layers": 1,
+             "dim_feedforward": 64, "num_queries": 5}  # saved settings that do not mention the hybrid
+    torch.save({"state_dict": state, "hyper_parameters": {"model": sizes, "class_loss": "focal"},
+                "pytorch-lightning_version": "2"}, tmp_path / "hybrid.ckpt")
+    model = build_detr(num_classes=2, init_from=str(tmp_path / "hybrid.ckpt"), stride=16, frozen_bn=False,
+                       two_stage=True, anchor_queries=True, class_loss="focal").eval()
+    assert model.settings["encoder_stride"] == 32 and model.adapter.hybrid
+    assert model.load_report.loaded == len(model.state_dict())
+    images, mask = images_and_mask()  # 96 x 128, the second image padded
+    with torch.no_grad():
+        expected = src(images, mask)
+        assert expected["enc_outputs"]["pred_boxes"].shape[1] == 48  # proposals from the 6x8 stride-16 tokens
+        assert max_diff(expected, model(images, mask)) <= 1e-5
+    with pytest.raises(ValueError, match=r"model.encoder_stride=16 contradicts .*encoder_stride=32"):
+        build_detr(num_classes=2, init_from=str(tmp_path / "hybrid.ckpt"), stride=16, encoder_stride=16)
 
 
 @pytest.mark.slow
