@@ -418,6 +418,9 @@ class CocoDetectionDataset(CocoDetection):
             ``tv_tensors.BoundingBoxes`` (XYXY, absolute), ``labels`` and ``image_id``. None: no change.
         coco_json: the already parsed and validated JSON (avoids reading big files twice).
         category_ids: label i ↔ category_ids[i]; default: the JSON's category ids sorted.
+        mosaic: the probability that a training sample is a mosaic (:meth:`mosaic_sample`), when its
+            key allows it (``dataset[(index, True)]``; ``dataset[index]`` never is one).
+        mosaic_size: the side of a mosaic's square canvas in pixels.
 
     Crowd annotations (``iscrowd=1``) are left out of the targets (COCO evaluation treats them as
     ignore regions through the ground-truth JSON).
@@ -431,6 +434,8 @@ class CocoDetectionDataset(CocoDetection):
         transforms: Callable | None = None,
         coco_json: dict[str, Any] | None = None,
         category_ids: Sequence[int] | None = None,
+        mosaic: float = 0.0,
+        mosaic_size: int = 512,
     ) -> None:
         # CocoDetection.__init__ would parse the JSON again through pycocotools; build the index here.
         VisionDataset.__init__(self, root, transforms=transforms)
@@ -442,6 +447,7 @@ class CocoDetectionDataset(CocoDetection):
             category_ids = [c["id"] for c in sorted_categories(data)]
         self.category_ids = [int(c) for c in category_ids]
         self.cat_id_to_label = {cid: i for i, cid in enumerate(self.category_ids)}
+        self.mosaic, self.mosaic_size = float(mosaic), int(mosaic_size)
 
     def _load_image(self, id: int) -> Image.Image:
         info = self.coco.imgs[id]
@@ -450,16 +456,62 @@ class CocoDetectionDataset(CocoDetection):
     def _load_target(self, id: int) -> list[dict[str, Any]]:
         return [a for a in self.coco.imgToAnns.get(id, []) if not a.get("iscrowd", 0)]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+    def __getitem__(self, index: int | tuple[int, bool]) -> tuple[Tensor, dict[str, Any]]:
+        index, mosaic_allowed = index if isinstance(index, tuple) else (index, False)
         image_id = self.ids[index]
-        image = tv_tensors.Image(v2.functional.pil_to_tensor(self._load_image(image_id)))
-        target = self._transformable_target(image_id, canvas=(image.shape[-2], image.shape[-1]))
+        if mosaic_allowed and self.mosaic > 0 and float(torch.rand(())) < self.mosaic:
+            image, target = self.mosaic_sample(index)
+        else:
+            image = tv_tensors.Image(v2.functional.pil_to_tensor(self._load_image(image_id)))
+            target = self._transformable_target(image_id, canvas=(image.shape[-2], image.shape[-1]))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         image = image.as_subclass(Tensor)
         if not image.is_floating_point():
             image = image.float().div_(255.0)
         return image, self._contract_target(target, image_id, size=image.shape[-2:])
+
+    def mosaic_sample(self, index: int, min_visible: float = 0.25) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        """Four photos on one square canvas of ``mosaic_size`` px (YOLO's mosaic; DEIM's "dense
+        one-to-one": ~4x the boxes per image for the one-to-one matching): ``index`` and three drawn at
+        random fill the four rectangles that a centre, drawn in the middle half of the canvas, cuts it
+        into; each photo is scaled to cover its rectangle, its corner at the centre, and cut by the
+        rectangle. A box keeps ``min_visible`` of its area or is left out. The target is the first
+        photo's ``image_id``."""
+        size = self.mosaic_size
+        centre = (torch.rand(2) * 0.5 + 0.25) * size  # (x, y)
+        picks = [index, *torch.randint(len(self.ids), (3,)).tolist()]
+        canvas = Image.new("RGB", (size, size))
+        cx, cy = round(float(centre[0])), round(float(centre[1]))
+        boxes, labels = [], []
+        for corner, pick in enumerate(picks):  # 0: top-left of the centre, 1: top-right, 2: bottom-left, 3: bottom-right
+            left, top = (0 if corner in (0, 2) else cx), (0 if corner in (0, 1) else cy)
+            right, bottom = (cx if corner in (0, 2) else size), (cy if corner in (0, 1) else size)
+            image_id = self.ids[pick]
+            photo = self._load_image(image_id)
+            scale = max((right - left) / photo.width, (bottom - top) / photo.height)
+            w, h = max(1, math.ceil(photo.width * scale)), max(1, math.ceil(photo.height * scale))
+            x0 = cx - w if corner in (0, 2) else cx  # the photo's corner at the centre
+            y0 = cy - h if corner in (0, 1) else cy
+            cut = photo.resize((w, h), Image.BILINEAR).crop((left - x0, top - y0, right - x0, bottom - y0))
+            canvas.paste(cut, (left, top))
+            anns = self._load_target(image_id)
+            xyxy = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),
+                               "xywh", "xyxy") * scale + torch.tensor([x0, y0, x0, y0])
+            lo, hi = torch.tensor([left, top, left, top]), torch.tensor([right, bottom, right, bottom])
+            seen = xyxy.clamp(lo, hi)
+            area = lambda b: (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # noqa: E731
+            keep = area(seen) >= min_visible * area(xyxy).clamp(min=1e-6)
+            boxes.append(seen[keep])
+            labels += [self.cat_id_to_label[a["category_id"]] for a, k in zip(anns, keep.tolist()) if k]
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(canvas))
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format=tv_tensors.BoundingBoxFormat.XYXY,
+                                              canvas_size=(size, size)),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "image_id": int(self.ids[index]),
+        }
+        return image, target
 
     def _transformable_target(self, image_id: int, canvas: tuple[int, int]) -> dict[str, Any]:
         """The image's non-crowd boxes as ``BoundingBoxes`` (XYXY, absolute) that transforms v2 move."""
@@ -552,8 +604,13 @@ class CocoDataModule(SplitDataModule):
         train_labels: str | None = None,
         val_labels: str | None = None,
         test_labels: str | None = None,
+        mosaic: float = 0.0,
+        close_mosaic: float = 0.33,
     ) -> None:
         super().__init__()
+        if not 0 <= mosaic <= 1 or not 0 <= close_mosaic <= 1:
+            raise ValueError(f"data.mosaic and data.close_mosaic are fractions in [0, 1], got {mosaic}, {close_mosaic}")
+        self.mosaic, self.close_mosaic = float(mosaic), float(close_mosaic)
         if target not in ("detection", "multilabel"):
             raise ValueError(f"target must be 'detection' or 'multilabel', got {target!r}")
         self.target = target
@@ -676,6 +733,8 @@ class CocoDataModule(SplitDataModule):
             transforms=transforms,
             coco_json=data,
             category_ids=[c["id"] for c in reference],
+            mosaic=self.mosaic if train else 0.0,
+            mosaic_size=self.max_size,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -693,6 +752,15 @@ class CocoDataModule(SplitDataModule):
                 split = "test" if self._test_json_arg is not None else "val"
                 self.test_dataset = self._build(self.test_json, train=False, split=split)
 
+    def _mosaic_allowed(self) -> tuple[bool]:
+        """Asked at each training epoch's start (main process): mosaics stay on until the last
+        ``close_mosaic`` share of the run's training steps (its plan, or the length a time budget fitted),
+        so that the run ends on whole photos, as YOLO's ``close_mosaic`` does."""
+        trainer = self.trainer
+        task = trainer.lightning_module if trainer is not None else None
+        total = task.training_steps() if hasattr(task, "training_steps") else math.inf
+        return (not math.isfinite(total) or trainer.global_step < (1 - self.close_mosaic) * total,)
+
     # loaders -----------------------------------------------------------------------------------
     def _loader(self, dataset: CocoDetectionDataset | None, shuffle: bool, name: str) -> DataLoader:
         if dataset is None:
@@ -700,7 +768,8 @@ class CocoDataModule(SplitDataModule):
         # Order and augmentations are functions of (seed, epoch, index); see datamodules/sampling.py.
         generator = torch.Generator()
         if shuffle:
-            sampler = EpochSampler(dataset, shuffle=True, generator=generator)
+            options = self._mosaic_allowed if getattr(dataset, "mosaic", 0) else None
+            sampler = EpochSampler(dataset, shuffle=True, generator=generator, options=options)
             if self.trainer is not None:
                 sampler.set_epoch(self.trainer.current_epoch)
             dataset = SeededDataset(dataset=dataset)

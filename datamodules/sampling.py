@@ -53,7 +53,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 class SeededDataset(Dataset):
     """Wraps a map-style dataset: ``ds[(i, s)]`` is ``dataset[i]`` computed under ``torch.manual_seed(s)``
-    (the global torch RNG is restored afterwards); ``ds[i]`` is plain ``dataset[i]``."""
+    (the global torch RNG is restored afterwards), ``ds[(i, s, *options)]`` is ``dataset[(i, *options)]``
+    likewise; ``ds[i]`` is plain ``dataset[i]``."""
 
     def __init__(self, *, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -63,10 +64,10 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, tuple):
-            index, seed = key
+            index, seed, *options = key
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return self.dataset[index]
+                return self.dataset[(index, *options) if options else index]
         return self.dataset[key]
 
     def __getattr__(self, name: str) -> Any:  # dataset attributes (coco, ids, ...) stay reachable
@@ -102,7 +103,8 @@ class EpochSampler(EpochPosition, DistributedSampler):
     ``DistributedSampler`` does (padded to equal counts: DDP needs the same number of steps per rank).
 
     Yields ``(index, sample_seed(seed, epoch, index))`` for ``SeededDataset`` (``seeded=False``: plain
-    indices). ``resume(skip)`` drops the first ``skip`` samples of the current epoch's order once (a
+    indices); ``options``, if given, is called once per epoch when its iteration starts (in the main
+    process: data-loader workers may persist) and its tuple is appended to every key of that epoch. ``resume(skip)`` drops the first ``skip`` samples of the current epoch's order once (a
     mid-epoch restart); ``set_epoch`` to another epoch forgets it. ``generator``, if given, is reseeded
     from (seed, epoch) at each ``set_epoch``: give the same one to the DataLoader, which draws its worker
     base seed from it instead of the global RNG.
@@ -117,6 +119,7 @@ class EpochSampler(EpochPosition, DistributedSampler):
         rank: int | None = None,
         seeded: bool = True,
         generator: torch.Generator | None = None,
+        options: Callable[[], tuple] | None = None,
     ) -> None:
         num_replicas, rank = world(num_replicas, rank)
         super().__init__(
@@ -129,6 +132,7 @@ class EpochSampler(EpochPosition, DistributedSampler):
         )
         self.seeded = seeded
         self.generator = generator
+        self.options = options
         self.skip = 0
         self.set_epoch(0)
 
@@ -151,8 +155,9 @@ class EpochSampler(EpochPosition, DistributedSampler):
         return order[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[Any]:
+        extra = self.options() if self.options is not None and self.seeded else ()
         for i in self.indices()[self.take_skip():]:
-            yield (i, sample_seed(self.seed, self.epoch, i)) if self.seeded else i
+            yield (i, sample_seed(self.seed, self.epoch, i), *extra) if self.seeded else i
 
 
 class EvalSampler(DistributedSampler):

@@ -116,6 +116,12 @@ class BaseTask(L.LightningModule):
 
     schedule_steps: int | None = None  # set by tasks.callbacks.FitScheduleToTime
 
+    def training_steps(self) -> float:
+        """The optimiser steps this run trains for: its plan (inf without one), or the shorter length a
+        time budget fitted (``schedule_steps``)."""
+        planned = float(self.trainer.estimated_stepping_batches)
+        return planned if self.schedule_steps is None else min(planned, float(self.schedule_steps))
+
     # multitask: a child task logs through its parent -----------------------------------------------
     _log_parent: L.LightningModule | None = None
     _log_prefix: str = ""

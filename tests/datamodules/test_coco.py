@@ -426,3 +426,68 @@ def test_coco128_splits_are_disjoint_and_follow_the_readme_rule():
         assert set(mapping) == names[split]
     cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "data" / "coco128.yaml")
     assert (cfg.test_json, cfg.test_labels) == ("test.json", "multilabel_test.json")
+
+
+# ------------------------------------------------------------------------------------ mosaic
+COLOURS = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0)]
+
+
+def coloured_boxes(root: Path) -> None:
+    """4 photos of different shapes, grey, each with one box filled with its own colour; photos 1 and 3
+    are class 9 (label 1), 2 and 4 class 5 (label 0)."""
+    sizes = [(120, 80), (60, 100), (90, 90), (150, 60)]
+    boxes = [[20.0, 10.0, 70.0, 50.0], [10.0, 30.0, 40.0, 50.0], [30.0, 30.0, 40.0, 40.0], [50.0, 5.0, 60.0, 45.0]]
+    write_coco(root, [(f"{i}.png", w, h) for i, (w, h) in enumerate(sizes)],
+               [(i + 1, 9 if i % 2 == 0 else 5, b) for i, b in enumerate(boxes)])
+    for i, ((w, h), (x, y, bw, bh)) in enumerate(zip(sizes, boxes)):
+        pixels = np.full((h, w, 3), 128, dtype=np.uint8)
+        pixels[int(y):int(y + bh), int(x):int(x + bw)] = COLOURS[i]
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+
+
+def test_a_mosaic_puts_every_box_on_its_own_pixels(tmp_path: Path) -> None:
+    """Four photos on one canvas: each kept box covers pixels of its photo's box colour (and its label),
+    boxes stay on the canvas, and over a few draws every photo shows up."""
+    coloured_boxes(tmp_path)
+    ds = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json", mosaic=1.0, mosaic_size=128)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        image, target = ds.mosaic_sample(seed % 4)
+        assert image.shape == (3, 128, 128) and target["image_id"] == ds.ids[seed % 4]
+        boxes = target["boxes"].as_subclass(torch.Tensor)
+        assert ((boxes >= 0) & (boxes <= 128)).all() and len(boxes) == len(target["labels"])
+        for (x1, y1, x2, y2), label in zip(boxes.round().int().tolist(), target["labels"].tolist()):
+            inside = image[:, y1 + 1:y2 - 1, x1 + 1:x2 - 1].flatten(1).T.float()
+            if len(inside) == 0:
+                continue
+            colour = torch.tensor([COLOURS[i] for i in range(4)], dtype=torch.float32)
+            which = (inside[:, None] - colour[None]).abs().sum(-1).argmin(-1).mode().values.item()
+            assert (inside - colour[which]).abs().sum(-1).lt(60).float().mean() > 0.9  # the box's own pixels
+            assert label == (1 if which % 2 == 0 else 0)
+            seen.add(which)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_mosaics_come_with_the_key_and_stop_for_the_last_share(tmp_path: Path) -> None:
+    """The train loader asks, at each epoch's start, whether mosaics are allowed: on until the last
+    ``close_mosaic`` share of the training steps, then whole photos; the same key gives the same mosaic."""
+    from types import SimpleNamespace
+
+    coloured_boxes(tmp_path)
+    write_coco(tmp_path, [("0.png", 120, 80)], [], "val.json", write_images=False)
+    dm = small_dm(tmp_path, batch_size=4, mosaic=1.0, close_mosaic=0.5, train_scales=[48], max_size=64)
+    dm.setup("fit")
+    task = SimpleNamespace(training_steps=lambda: 100.0)
+    dm.trainer = SimpleNamespace(lightning_module=task, global_step=49, current_epoch=0)
+    loader = dm.train_dataloader()
+    assert [t["size"].tolist() for t in next(iter(loader))["targets"]] == [[48, 48]] * 4  # square mosaics
+    dm.trainer.global_step = 50
+    batch = next(iter(loader))  # the next epoch's start
+    assert sum(h != w for h, w in (t["size"].tolist() for t in batch["targets"])) == 3  # whole photos (one square)
+    seeded = loader.dataset
+    first, again = seeded[(1, 7, True)], seeded[(1, 7, True)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1]["boxes"], again[1]["boxes"])
+    assert not torch.equal(first[0], seeded[(1, 8, True)][0])
+    with pytest.raises(ValueError, match="data.mosaic and data.close_mosaic"):
+        small_dm(tmp_path, mosaic=1.5)
