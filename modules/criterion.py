@@ -44,7 +44,11 @@ class SetCriterion(nn.Module):
     token proposals: denser supervision of the encoder and trunk; the decoder, whose queries are the
     detections, stays one-to-one, so no NMS is needed). With several query groups
     (Group DETR, ``outputs["num_groups"]``) each group is matched one-to-one on its own and the terms
-    are averaged over the groups.
+    are averaged over the groups. ``iou_aware`` (focal head only): IoU-aware classification, the
+    varifocal loss of VarifocalNet / RT-DETR: a matched query's target for its box's class is the IoU of
+    its box with that box (detached) instead of 1, positives weighted by that IoU and negatives by
+    ``alpha * p ** gamma``, so that class scores rank detections by how well they fit (matched and
+    encoder terms; the denoising terms keep the focal loss).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         enc_matches: int = 1,
+        iou_aware: bool = False,
     ) -> None:
         super().__init__()
         if enc_matches < 1:
@@ -65,16 +70,27 @@ class SetCriterion(nn.Module):
         self.enc_matches = int(enc_matches)
         self.class_loss = check_class_loss(class_loss)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        if iou_aware and self.class_loss != "focal":
+            raise ValueError("iou_aware (the varifocal loss) needs the sigmoid head: set task.class_loss=focal")
+        self.iou_aware = bool(iou_aware)
 
-    def loss_labels(self, logits: Tensor, target_classes: Tensor, num_boxes: float) -> Tensor:
-        """``logits`` [B, Q, C+1 or C]; ``target_classes`` [B, Q]: a class, C = no-object, -1 = ignored."""
+    def loss_labels(self, logits: Tensor, target_classes: Tensor, num_boxes: float,
+                    quality: Tensor | None = None) -> Tensor:
+        """``logits`` [B, Q, C+1 or C]; ``target_classes`` [B, Q]: a class, C = no-object, -1 = ignored;
+        ``quality`` [B, Q] (focal head): the varifocal loss with these targets for the target classes."""
         logits = at_least_float32(logits)  # half types in float32, float64 kept
         if self.class_loss == "ce":
             weight = logits.new_ones(self.num_classes + 1)  # in the logits' dtype: eos_coef exact in float64
             weight[-1] = self.eos_coef
             return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, ignore_index=-1)
         onehot = F.one_hot(target_classes.clamp(min=0), self.num_classes + 1)[..., : self.num_classes]
-        loss = sigmoid_focal_loss(logits, onehot.to(logits.dtype), self.focal_alpha, self.focal_gamma, "none")
+        onehot = onehot.to(logits.dtype)
+        if quality is None:
+            loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, "none")
+        else:
+            score = onehot * quality.to(logits.dtype)[..., None]
+            weight = self.focal_alpha * logits.detach().sigmoid().pow(self.focal_gamma) * (1 - onehot) + score
+            loss = F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="none")
         return (loss * (target_classes >= 0)[..., None]).sum() / num_boxes
 
     def loss_boxes(self, src: Tensor, tgt: Tensor, num_boxes: float, like: Tensor) -> dict[str, Tensor]:
@@ -101,7 +117,13 @@ class SetCriterion(nn.Module):
             target_classes[b, src.to(logits.device)] = targets[b]["labels"][tgt]
         src = torch.cat([pred[b, s.to(pred.device)] for b, (s, _) in enumerate(indices)])
         tgt = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)])
-        return {"loss_ce": self.loss_labels(logits, target_classes, num_boxes),
+        quality = None
+        if self.iou_aware:  # each matched query's IoU with its box
+            quality = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
+            ious = paired_iou(src.detach().float(), tgt.float()).split([len(s) for s, _ in indices])
+            for b, ((s, _), iou) in enumerate(zip(indices, ious)):
+                quality[b, s.to(logits.device)] = iou
+        return {"loss_ce": self.loss_labels(logits, target_classes, num_boxes, quality),
                 **self.loss_boxes(src, tgt, num_boxes, pred)}
 
     def denoising_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
@@ -162,6 +184,15 @@ class SetCriterion(nn.Module):
                 terms = self.denoising_losses({**layer, "dn": dn["dn"]}, targets, num_boxes)
                 losses.update({f"{k}{suffix}": v for k, v in terms.items()})
         return losses
+
+
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of each box of ``a`` with the box of ``b`` at the same row (``[N, 4]`` cxcywh) -> ``[N]``."""
+    a, b = box_convert(a, "cxcywh", "xyxy"), box_convert(b, "cxcywh", "xyxy")
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = lambda x: (x[:, 2] - x[:, 0]).clamp(min=0) * (x[:, 3] - x[:, 1]).clamp(min=0)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=torch.finfo(a.dtype).tiny)
 
 
 def _split_groups(outputs: dict[str, Tensor], groups: int) -> dict[str, Tensor]:

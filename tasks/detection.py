@@ -57,6 +57,7 @@ class DetectionTask(BaseTask):
         top_k: detections kept per image for evaluation.
         enc_matches: two-stage only: encoder proposals matched to each target box (1: one-to-one, DINO;
             more: one-to-many supervision of the encoder, see :class:`modules.criterion.SetCriterion`).
+        iou_aware: focal head only: IoU-aware classification (the varifocal loss; ``SetCriterion``).
         transformer: an existing transformer for the model to use instead of building its own (the
             multitask run passes its view of the shared one; the model config's transformer sizes are
             then not used).
@@ -84,6 +85,7 @@ class DetectionTask(BaseTask):
         loss_giou: float = 2.0,
         top_k: int = 100,
         enc_matches: int = 1,
+        iou_aware: bool = False,
         **optim,
     ) -> None:
         super().__init__(**optim)
@@ -103,7 +105,7 @@ class DetectionTask(BaseTask):
                                    class_loss=class_loss, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.criterion = SetCriterion(num_classes=data_info["num_classes"], matcher=matcher, eos_coef=eos_coef,
                                       class_loss=class_loss, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
-                                      enc_matches=enc_matches)
+                                      enc_matches=enc_matches, iou_aware=iou_aware)
         self.loss_weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         self.top_k = top_k
         self.register_buffer(

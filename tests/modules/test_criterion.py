@@ -147,3 +147,35 @@ def test_one_to_many_encoder_matching_supervises_k_proposals_per_box():
     assert two["loss_ce"] == one["loss_ce"] and two["loss_bbox"] == one["loss_bbox"]  # decoder: one-to-one
     with pytest.raises(ValueError, match="enc_matches"):
         SetCriterion(num_classes=2, matcher=HungarianMatcher(), enc_matches=0)
+
+
+def test_iou_aware_classification_targets_the_matched_boxes_iou():
+    """iou_aware (varifocal): one query whose box has IoU 1/2 with its target box; its class loss is the
+    IoU-weighted binary cross entropy towards 1/2 (zero gradient at p = 1/2), the other class and the
+    other query are focal-weighted negatives; the plain focal loss pushes the same logit up."""
+    from modules.criterion import paired_iou
+
+    target = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    boxes = torch.tensor([[[0.4, 0.5, 0.4, 0.4], [0.1, 0.1, 0.05, 0.05]]])  # overlap 0.3 x 0.4 -> IoU 0.12/0.2
+    assert paired_iou(boxes[0, :1], target[0]["boxes"]).item() == pytest.approx(0.6)
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2], [0.1, 0.1, 0.05, 0.05]]])  # inside, half the area -> 0.5
+    iou = paired_iou(boxes[0, :1], target[0]["boxes"]).item()
+    assert iou == pytest.approx(0.5)
+    logits = torch.tensor([[[0.3, 0.0], [-1.0, -2.0]]], requires_grad=True)
+    matcher = HungarianMatcher(class_loss="focal")
+    crit = SetCriterion(num_classes=2, matcher=matcher, class_loss="focal", iou_aware=True)
+    loss = crit({"pred_logits": logits, "pred_boxes": boxes}, target, across_processes=False)["loss_ce"]
+    p = logits.detach().sigmoid()
+    negatives = [(0, 0, 0), (0, 1, 0), (0, 1, 1)]
+    expected = iou * F.binary_cross_entropy_with_logits(torch.tensor(0.0), torch.tensor(iou))
+    for b, q, c in negatives:
+        expected += 0.25 * p[b, q, c] ** 2 * F.binary_cross_entropy_with_logits(logits[b, q, c].detach(), torch.tensor(0.0))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert abs(logits.grad[0, 0, 1].item()) < 1e-7  # p = IoU: nothing to learn
+    focal = SetCriterion(num_classes=2, matcher=matcher, class_loss="focal")
+    logits.grad = None
+    focal({"pred_logits": logits, "pred_boxes": boxes}, target, across_processes=False)["loss_ce"].backward()
+    assert logits.grad[0, 0, 1].item() < -1e-3  # plain focal: the target is 1
+    with pytest.raises(ValueError, match="needs the sigmoid head"):
+        SetCriterion(num_classes=2, matcher=matcher, class_loss="ce", iou_aware=True)
