@@ -685,8 +685,8 @@ class CocoDataModule(SplitDataModule):
     @property
     def data_info(self) -> dict[str, Any]:
         """``{"num_classes": C, "class_names": [...], "category_ids": [...]}``; label i ↔ category_ids[i];
-        ``max_boxes_per_image``: the most (non-crowd) boxes in one training image, when the training
-        split was read (it sizes ``model.num_queries=auto``).
+        ``max_boxes_per_image``: the most (non-crowd) boxes in one training image (x 4 with mosaics, which
+        hold four photos), when the training split was read (it sizes ``model.num_queries=auto``).
 
         Plain Python types only (safe for ``torch.load(weights_only=True)``). Reads the train JSON
         (not the images) if ``setup`` has not run.
@@ -698,7 +698,7 @@ class CocoDataModule(SplitDataModule):
             "category_ids": [int(c["id"]) for c in cats],
         }
         if self._max_boxes is not None and self.target == "detection":
-            info["max_boxes_per_image"] = self._max_boxes
+            info["max_boxes_per_image"] = self._max_boxes * (4 if self.mosaic > 0 else 1)
         if self.target == "multilabel":  # training-set frequency of each class (label order of sequences)
             if self.train_dataset is None:
                 self.setup("fit")

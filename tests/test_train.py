@@ -321,11 +321,13 @@ def test_detr_original_recipes_verbatim_and_fair(make_cfg):
 @pytest.mark.parametrize("data", ["shapes", "coco", "voc", "yolo", "coco128"])
 def test_photos_get_the_photo_recipe(make_cfg, data):
     """task=detection with a photo data source composes configs/photo_recipe/<data>.yaml: from scratch a
-    half-width trunk and the fitted warm-up; the synthetic shapes keep the full trunk and their warm-up."""
+    half-width trunk, one encoder layer and the fitted warm-up; the synthetic shapes keep the full trunk,
+    three encoder layers and their warm-up."""
     photos = data != "shapes"
     cfg = make_cfg("task=detection", f"data={data}", *(["data.root=/photos"] if photos else []), tiny=False)
     assert cfg.model.trunk_width == (0.5 if photos else 1.0) and cfg.task.fit_warmup == photos
-    assert cfg.task.enc_matches == 1
+    assert cfg.model.num_encoder_layers == (1 if photos else 3)
+    assert cfg.task.enc_matches == 1 and cfg.model.encoder_stride is None and cfg.data.get("mosaic", 0) == 0
     assert cfg.task.class_loss == "focal" and cfg.task.warmup_steps == 100  # the rest of the settings stay
 
 
@@ -335,5 +337,6 @@ def test_the_photo_recipe_leaves_the_trunk_width_to_pretrained_weights(make_cfg,
     is built, not a half-width trunk that the weights could not fill."""
     cfg = make_cfg("task=detection", "data=coco", "data.root=/photos", weights, tiny=False)
     assert cfg.model.trunk_width is None
+    assert cfg.model.num_encoder_layers == (None if "init_from" in weights else 1)  # the source's own count
     explicit = make_cfg("task=detection", "data=coco", "data.root=/photos", weights, "model.trunk_width=1", tiny=False)
     assert explicit.model.trunk_width == 1
