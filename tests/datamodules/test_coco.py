@@ -478,7 +478,7 @@ def test_mosaics_come_with_the_key_and_stop_for_the_last_share(tmp_path: Path) -
     write_coco(tmp_path, [("0.png", 120, 80)], [], "val.json", write_images=False)
     dm = small_dm(tmp_path, batch_size=4, mosaic=1.0, close_mosaic=0.5, train_scales=[48], max_size=64)
     dm.setup("fit")
-    assert dm.data_info()["max_boxes_per_image"] == 4  # one box per photo, four photos per mosaic
+    assert dm.data_info["max_boxes_per_image"] == 4  # one box per photo, four photos per mosaic
     task = SimpleNamespace(training_steps=lambda: 100.0)
     dm.trainer = SimpleNamespace(lightning_module=task, global_step=49, current_epoch=0)
     loader = dm.train_dataloader()
