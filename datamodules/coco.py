@@ -36,6 +36,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
 from modules.backbone import IMAGENET_MEAN, IMAGENET_STD
+from modules.criterion import clamped_area
 
 from .base import SplitDataModule
 from .errors import DataError, MissingDataError, check_relative_file_name, read_json
@@ -370,22 +371,67 @@ def _pixels_matching_json(
 # --------------------------------------------------------------------------------------------
 
 
+class RandomSizeCrop(v2.Transform):
+    """DETR's random crop, box-aware: with probability ``p``, cut the photo to a random rectangle whose
+    height and width are each a uniform fraction in ``[min_fraction, 1]`` of the photo's, placed
+    uniformly; boxes are cut with it (a later ``ClampBoundingBoxes`` / ``SanitizeBoundingBoxes``
+    drops what falls outside). A photo with boxes keeps at least one: a rectangle containing no box
+    centre is drawn again, up to ``tries`` times, and after that the photo stays whole. Random numbers
+    come from torch's generator, so a seeded sample (``SeededDataset``) crops the same way again."""
+
+    def __init__(self, p: float = 0.5, min_fraction: float = 0.5, tries: int = 10) -> None:
+        super().__init__()
+        if not 0 <= p <= 1 or not 0 < min_fraction <= 1:
+            raise ValueError(f"crop probability must be in [0, 1] and its min_fraction in (0, 1], got {p}, {min_fraction}")
+        self.p, self.min_fraction, self.tries = float(p), float(min_fraction), int(tries)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        if self.p == 0 or float(torch.rand(())) >= self.p:
+            return {"crop": None}
+        height, width = v2.query_size(flat_inputs)
+        boxes = next((x for x in flat_inputs if isinstance(x, tv_tensors.BoundingBoxes)), None)
+        centres = None
+        if boxes is not None and len(boxes):
+            xyxy = v2.functional.convert_bounding_box_format(boxes.as_subclass(Tensor), old_format=boxes.format,
+                                                             new_format=tv_tensors.BoundingBoxFormat.XYXY)
+            centres = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+        for _ in range(self.tries):
+            fh, fw = (self.min_fraction + (1 - self.min_fraction) * torch.rand(2)).tolist()
+            h, w = max(1, round(height * fh)), max(1, round(width * fw))
+            top = int(torch.randint(0, height - h + 1, ()))
+            left = int(torch.randint(0, width - w + 1, ()))
+            if centres is None or bool(((centres[:, 0] >= left) & (centres[:, 0] < left + w)
+                                        & (centres[:, 1] >= top) & (centres[:, 1] < top + h)).any()):
+                return {"crop": {"top": top, "left": left, "height": h, "width": w}}
+        return {"crop": None}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["crop"] is None:
+            return inpt
+        return self._call_kernel(v2.functional.crop, inpt, **params["crop"])
+
+
 def make_detection_transforms(
     train: bool,
     train_scales: Sequence[int] = tuple(DETR_TRAIN_SCALES),
     val_scale: int = DETR_VAL_SCALE,
     max_size: int = DETR_MAX_SIZE,
     hflip_prob: float = 0.5,
+    crop: float = 0.0,
+    crop_min: float = 0.5,
 ) -> v2.Transform:
     """Transforms v2 pipeline on ``(tv_tensors.Image uint8, target with BoundingBoxes)``.
 
-    train: horizontal flip, random shortest side from ``train_scales`` (longer side <= ``max_size``).
-    eval: shortest side ``val_scale`` (longer side <= ``max_size``). Both then clamp boxes to the image,
-    drop degenerate boxes (< 1 px), convert to float in [0, 1] and normalise with ImageNet mean/std.
+    train: horizontal flip, with probability ``crop`` a random crop (``RandomSizeCrop``: sides
+    ``crop_min``..1 of the photo's), random shortest side from ``train_scales`` (longer side <=
+    ``max_size``). eval: shortest side ``val_scale`` (longer side <= ``max_size``). Both then clamp
+    boxes to the image, drop degenerate boxes (< 1 px), convert to float in [0, 1] and normalise with
+    ImageNet mean/std.
     """
     if train:
         geometric: list[v2.Transform] = [
             v2.RandomHorizontalFlip(hflip_prob),
+            *([RandomSizeCrop(crop, crop_min)] if crop > 0 else []),
             v2.RandomShortestSize(min_size=[int(s) for s in train_scales], max_size=int(max_size)),
         ]
     elif int(max_size) > int(val_scale):
@@ -500,8 +546,7 @@ class CocoDetectionDataset(CocoDetection):
                                "xywh", "xyxy") * scale + torch.tensor([x0, y0, x0, y0])
             lo, hi = torch.tensor([left, top, left, top]), torch.tensor([right, bottom, right, bottom])
             seen = xyxy.clamp(lo, hi)
-            area = lambda b: (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # noqa: E731
-            keep = area(seen) >= min_visible * area(xyxy).clamp(min=1e-6)
+            keep = clamped_area(seen) >= min_visible * clamped_area(xyxy).clamp(min=1e-6)
             boxes.append(seen[keep])
             labels += [self.cat_id_to_label[a["category_id"]] for a, k in zip(anns, keep.tolist()) if k]
         image = tv_tensors.Image(v2.functional.pil_to_tensor(canvas))
@@ -606,8 +651,12 @@ class CocoDataModule(SplitDataModule):
         test_labels: str | None = None,
         mosaic: float = 0.0,
         close_mosaic: float = 0.33,
+        crop: float = 0.0,
+        crop_min: float = 0.5,
     ) -> None:
         super().__init__()
+        RandomSizeCrop(crop, crop_min)  # the one check of both values, before any data is read
+        self.crop, self.crop_min = float(crop), float(crop_min)
         if not 0 <= mosaic <= 1 or not 0 <= close_mosaic <= 1:
             raise ValueError(f"data.mosaic and data.close_mosaic are fractions in [0, 1], got {mosaic}, {close_mosaic}")
         self.mosaic, self.close_mosaic = float(mosaic), float(close_mosaic)
@@ -725,7 +774,8 @@ class CocoDataModule(SplitDataModule):
         check_images_exist(self.images_dir, data, json_path)
         warn_dropped_boxes(data, json_path)
         transforms = make_detection_transforms(
-            train, train_scales=self.train_scales, val_scale=self.val_scale, max_size=self.max_size
+            train, train_scales=self.train_scales, val_scale=self.val_scale, max_size=self.max_size,
+            crop=self.crop, crop_min=self.crop_min,
         )
         return CocoDetectionDataset(
             root=self.images_dir,

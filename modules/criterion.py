@@ -186,13 +186,16 @@ class SetCriterion(nn.Module):
         return losses
 
 
+def clamped_area(xyxy: Tensor) -> Tensor:
+    """Area of each ``[N, 4]`` xyxy box, 0 where a side is negative (an empty intersection or cut)."""
+    return (xyxy[:, 2] - xyxy[:, 0]).clamp(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clamp(min=0)
+
+
 def paired_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of each box of ``a`` with the box of ``b`` at the same row (``[N, 4]`` cxcywh) -> ``[N]``."""
     a, b = box_convert(a, "cxcywh", "xyxy"), box_convert(b, "cxcywh", "xyxy")
-    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    area = lambda x: (x[:, 2] - x[:, 0]).clamp(min=0) * (x[:, 3] - x[:, 1]).clamp(min=0)  # noqa: E731
-    return inter / (area(a) + area(b) - inter).clamp(min=torch.finfo(a.dtype).tiny)
+    inter = clamped_area(torch.cat([torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])], 1))
+    return inter / (clamped_area(a) + clamped_area(b) - inter).clamp(min=torch.finfo(a.dtype).tiny)
 
 
 def _split_groups(outputs: dict[str, Tensor], groups: int) -> dict[str, Tensor]:

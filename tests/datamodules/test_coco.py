@@ -140,6 +140,41 @@ def test_horizontal_flip_moves_boxes_and_pixels(tmp_path: Path) -> None:
     assert rgb[2, :, :50].mean() > 0.9 and rgb[0, :, 50:].mean() > 0.9  # blue now left, red right
 
 
+def test_random_crop_cuts_pixels_and_boxes_together(tmp_path: Path) -> None:
+    """data.crop: a cropped photo's boxes still frame the object's own pixels (a white rectangle on
+    black), at least one box centre survives every crop, and the crop is a function of torch's seed."""
+    write_coco(tmp_path, [("a.png", 200, 100)], [(1, 9, [20.0, 10.0, 40.0, 30.0]), (1, 5, [130.0, 50.0, 60.0, 40.0])])
+    pixels = np.zeros((100, 200, 3), dtype=np.uint8)
+    pixels[10:40, 20:60] = 255
+    pixels[50:90, 130:190] = 255
+    Image.fromarray(pixels).save(tmp_path / "images" / "a.png")
+    tf = make_detection_transforms(True, train_scales=[100], max_size=100000, hflip_prob=0.0, crop=1.0, crop_min=0.5)
+    ds = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json", transforms=tf)
+    sizes = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        image, target = ds[0]
+        h, w = target["size"].tolist()
+        sizes.add((h, w))
+        white = unnormalize(image).mean(0) > 0.5  # resized (shortest side 100): edges blur by <= 2 px
+        assert len(target["boxes"]) >= 1
+        boxed = torch.zeros_like(white)
+        for cx, cy, bw, bh in target["boxes"].tolist():
+            x0, y0, x1, y1 = round((cx - bw / 2) * w), round((cy - bh / 2) * h), round((cx + bw / 2) * w), round((cy + bh / 2) * h)
+            assert white[y0 + 3:y1 - 3, x0 + 3:x1 - 3].all()  # the box holds its object's pixels
+            boxed[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = True  # edges blur by <= 2 px
+        assert not (white & ~boxed)[3:-3, 3:-3].any()  # every white pixel is inside a kept box
+        torch.manual_seed(seed)
+        again = ds[0]
+        assert torch.equal(again[0], image) and torch.equal(again[1]["boxes"], target["boxes"])
+    assert len(sizes) > 20  # the crops differ (aspect ratios vary)
+    uncropped = make_detection_transforms(True, train_scales=[100], max_size=1000, hflip_prob=0.0, crop=0.0)
+    _, t = CocoDetectionDataset(root=tmp_path / "images", ann_file=tmp_path / "train.json", transforms=uncropped)[0]
+    assert t["size"].tolist() == [100, 200]
+    with pytest.raises(ValueError, match="crop"):
+        CocoDataModule(root=str(tmp_path), crop=1.5)
+
+
 def test_resize_keeps_normalised_boxes_and_caps_long_side(tmp_path: Path) -> None:
     write_coco(tmp_path, [("a.png", 300, 100)], [(1, 5, [30.0, 10.0, 60.0, 50.0])])
     eval_tf = make_detection_transforms(False, val_scale=50, max_size=120)
