@@ -55,10 +55,10 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if fast_bf16_available(accelerator) else "32-true"
 
 
-def if_scratch(pretrained_backbone: str | None, init_from: str | None, value: object) -> object:
-    """``value`` for a model trained from scratch (no trunk weights, no whole-model weights), else None
-    (a setting the weights decide, such as the trunk width)."""
-    return value if not pretrained_backbone and not init_from else None
+def if_scratch(pretrained_backbone: str | None, init_from: str | None, value: object, otherwise: object = None) -> object:
+    """``value`` for a model trained from scratch (no trunk weights, no whole-model weights), else
+    ``otherwise``: None by default (a setting the weights decide, such as the trunk width)."""
+    return value if not pretrained_backbone and not init_from else otherwise
 
 
 def register_resolvers() -> None:

@@ -321,14 +321,27 @@ def test_detr_original_recipes_verbatim_and_fair(make_cfg):
 @pytest.mark.parametrize("data", ["shapes", "coco", "voc", "yolo", "coco128"])
 def test_photos_get_the_photo_recipe(make_cfg, data):
     """task=detection with a photo data source composes configs/photo_recipe/<data>.yaml: from scratch a
-    half-width trunk, one encoder and six decoder layers and the fitted warm-up; the synthetic shapes keep
-    the full trunk, three encoder and three decoder layers and their warm-up."""
+    half-width trunk, one encoder and six decoder layers, five denoising groups and the fitted warm-up; the
+    synthetic shapes keep the full trunk, three encoder and three decoder layers, no denoising and their
+    warm-up."""
     photos = data != "shapes"
     cfg = make_cfg("task=detection", f"data={data}", *(["data.root=/photos"] if photos else []), tiny=False)
     assert cfg.model.trunk_width == (0.5 if photos else 1.0) and cfg.task.fit_warmup == photos
     assert cfg.model.num_encoder_layers == (1 if photos else 3) and cfg.model.num_decoder_layers == (6 if photos else 3)
+    assert cfg.model.dn_groups == (5 if photos else 0)
     assert cfg.task.enc_matches == 1 and cfg.model.encoder_stride is None and cfg.data.get("mosaic", 0) == 0
     assert cfg.task.class_loss == "focal" and cfg.task.warmup_steps == 100  # the rest of the settings stay
+
+
+@pytest.mark.parametrize("experiment", ["detr_r50_coco", "dino_r50_coco"])
+def test_the_r50_experiments_restate_what_the_photo_recipe_changes(make_cfg, experiment):
+    """The DETR-R50 / DINO-R50 experiments read photos, so the photo recipe composes under them: each
+    restates the paper's trunk and layers, and only DINO's keeps denoising (the original DETR has none)."""
+    cfg = make_cfg("task=detection", f"experiment={experiment}", "data.root=/coco",
+                   "model.pretrained_backbone=IMAGENET1K_V1", tiny=False)
+    assert cfg.model.trunk_width == 1.0
+    assert (cfg.model.num_encoder_layers, cfg.model.num_decoder_layers) == (6, 6)
+    assert cfg.model.dn_groups == (5 if experiment == "dino_r50_coco" else 0)
 
 
 @pytest.mark.parametrize("weights", ["model.pretrained_backbone=IMAGENET1K_V1", "model.init_from=/w/detr.ckpt"])
@@ -339,5 +352,6 @@ def test_the_photo_recipe_leaves_the_trunk_width_to_pretrained_weights(make_cfg,
     assert cfg.model.trunk_width is None
     assert cfg.model.num_encoder_layers == (None if "init_from" in weights else 1)  # the source's own count
     assert cfg.model.num_decoder_layers == (None if "init_from" in weights else 6)
+    assert cfg.model.dn_groups == (0 if "init_from" in weights else 5)  # no label embedding in DETR's weights
     explicit = make_cfg("task=detection", "data=coco", "data.root=/photos", weights, "model.trunk_width=1", tiny=False)
     assert explicit.model.trunk_width == 1
