@@ -53,11 +53,12 @@ class LoadReport:
     reinitialised: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # source tensors only training needs, not this model
 
     def summary(self) -> str:
         lines = [f"init_from {self.source}: loaded {self.loaded} tensors"]
         for title, items in (("re-initialised", self.reinitialised), ("unused", self.unused),
-                             ("missing (kept random)", self.missing)):
+                             ("missing (kept random)", self.missing), ("dropped (only for training)", self.dropped)):
             if items:
                 lines.append(f"  {title} ({len(items)}): {_abbreviate(items)}")
         return "\n".join(lines)
@@ -394,41 +395,65 @@ def _to_model_names(state: dict[str, Tensor], model: nn.Module) -> dict[str, Ten
     return out
 
 
-def _class_head(model: nn.Module, source: WeightSource, state: dict[str, Tensor], report: LoadReport) -> None:
-    """Fine-tuning on other classes: the class rows are re-initialised; DETR's no-object row (the last
-    of a softmax head) keeps the source's values, at the new head's last row."""
+def _class_head(model: nn.Module, source: WeightSource, state: dict[str, Tensor], report: LoadReport) -> int:
+    """Fine-tuning on other classes (or with the other classification loss): the class rows of every class
+    head (the decoder's, and the encoder proposals' with two-stage) are re-initialised; DETR's no-object
+    row (the last of a softmax head) keeps the source's values, at the new head's last row. Returns how
+    many of the model's own tensors were put into ``state``."""
     target = model.state_dict()
-    key_w, key_b = "head.class_embed.weight", "head.class_embed.bias"
-    if key_w not in state or key_b not in state or state[key_w].shape == target[key_w].shape and (
-            source.class_loss == model.class_loss):
-        return
-    src_w, src_b = state.pop(key_w), state.pop(key_b)
-    if src_w.shape[1:] != target[key_w].shape[1:]:
-        state[key_w], state[key_b] = src_w, src_b  # a width mismatch: let the shape check name it
-        return
-    c_src = src_w.shape[0] - (1 if source.class_loss == "ce" else 0)
-    c_dst = model.num_classes
-    note = f"head.class_embed ({c_src} -> {c_dst} classes"
-    if source.class_loss == model.class_loss == "ce":
+    own = 0
+    for prefix in ("head.class_embed", "enc_head.class_embed"):
+        key_w, key_b = f"{prefix}.weight", f"{prefix}.bias"
+        if key_w not in state or key_b not in state or key_w not in target or (
+                state[key_w].shape == target[key_w].shape and source.class_loss == model.class_loss):
+            continue
+        src_w, src_b = state[key_w], state[key_b]
+        if src_w.shape[1:] != target[key_w].shape[1:]:
+            continue  # a width mismatch: the shape check names it
         weight, bias = target[key_w].clone(), target[key_b].clone()
-        weight[-1], bias[-1] = src_w[-1], src_b[-1]
+        c_src = src_w.shape[0] - (1 if source.class_loss == "ce" else 0)
+        note = f"{prefix} ({c_src} -> {model.num_classes} classes"
+        if source.class_loss == model.class_loss == "ce":
+            weight[-1], bias[-1] = src_w[-1], src_b[-1]
+            note += ", no-object row kept)"
+        else:
+            note += ", softmax/sigmoid head changed)" if source.class_loss != model.class_loss else ")"
         state[key_w], state[key_b] = weight, bias
-        note += ", no-object row kept)"
-    else:
-        note += ", softmax/sigmoid head changed)" if source.class_loss != model.class_loss else ")"
-    report.reinitialised.append(note)
+        own += 2
+        report.reinitialised.append(note)
+    return own
+
+
+def _denoising_embedding(model: nn.Module, state: dict[str, Tensor], report: LoadReport) -> int:
+    """The label embedding of denoising queries (``dn_groups``) is used only while training: a source's
+    is dropped when the model trains without denoising, and a model that denoises keeps its own fresh one
+    when the source has none or one for other classes. Each case is named in the report; returns how many
+    of the model's own tensors were put into ``state``."""
+    key = "label_embed.weight"
+    mine = model.state_dict().get(key)
+    theirs = state.get(key)
+    if theirs is not None and mine is None:
+        state.pop(key)
+        report.dropped.append(f"{key} (the source's denoising embedding; this model has model.dn_groups=0)")
+    elif mine is not None and (theirs is None or theirs.shape != mine.shape):
+        state[key] = mine.clone()
+        why = "not in the source" if theirs is None else f"{theirs.shape[0] - 1} -> {mine.shape[0] - 1} classes"
+        report.reinitialised.append(f"label_embed ({why}: the denoising embedding, used only while training)")
+        return 1
+    return 0
 
 
 def load_detr_weights(model: nn.Module, source: WeightSource, strict: bool = True) -> LoadReport:
     """Copy ``source`` into ``model`` (a :class:`modules.detr.DETR`) and return what happened.
 
     Every tensor of the model must come from the source and every source tensor must be used, except
-    the class head when the class count differs (see :func:`_class_head`); with ``strict=False``
+    the class head when the class count differs (see :func:`_class_head`) and the training-only
+    denoising embedding (:func:`_denoising_embedding`); with ``strict=False``
     missing tensors keep their initialisation and unused ones are only reported. A shape mismatch is
     always an error."""
     report = LoadReport(source.name)
     state = _to_model_names(source.state, model)
-    _class_head(model, source, state, report)
+    own = _class_head(model, source, state, report) + _denoising_embedding(model, state, report)
     target = model.state_dict()
     report.unused = sorted(k for k in state if k not in target)
     report.missing = sorted(k for k in target if k not in state and not k.endswith("num_batches_tracked"))
@@ -448,5 +473,5 @@ def load_detr_weights(model: nn.Module, source: WeightSource, strict: bool = Tru
     with torch.no_grad():
         for key, value in loadable.items():
             target[key].copy_(value)
-    report.loaded = len(loadable) - (2 if report.reinitialised else 0)
+    report.loaded = len(loadable) - own
     return report

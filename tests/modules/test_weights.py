@@ -301,3 +301,30 @@ def test_torchvision_weights_enum_uses_the_cache_and_explains_offline(tmp_path, 
         ImageAdapter(backbone="resnet50", d_model=32, pretrained_backbone="IMAGENET1K_V2")
     message = str(info.value)
     assert "\n" not in message and "resnet50-11ad3fa6.pth" in message and str(folder) in message
+
+
+@pytest.mark.parametrize("src_dn, dst_dn, dst_classes", [(5, 0, 3), (0, 5, 3), (5, 5, 4)],
+                         ids=["dropped", "fresh", "other-classes"])
+def test_the_denoising_embedding_never_blocks_a_strict_load(tmp_path, src_dn, dst_dn, dst_classes):
+    """A photo run trains with denoising (its .ckpt has label_embed); fine-tuning from it without
+    denoising drops that tensor, and a denoising model from a source without one (or for other classes)
+    keeps its own: strict loads succeed, every other tensor is copied, and the report names the case."""
+    sizes = dict(backbone="resnet18", d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2,
+                 dim_feedforward=64, num_queries=5, class_loss="focal", anchor_queries=True, box_refine=True)
+    src = build_detr(num_classes=3, dn_groups=src_dn, **sizes)
+    state = {f"model.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"model": {}, "class_loss": "focal"},
+                "pytorch-lightning_version": "2"}, tmp_path / "run.ckpt")
+    model = build_detr(num_classes=dst_classes, dn_groups=dst_dn, init_from=str(tmp_path / "run.ckpt"), **sizes)
+    report = model.load_report
+    assert not report.unused and not report.missing
+    fresh = {k for k in model.state_dict() if k == "label_embed.weight" or (dst_classes != 3 and "class_embed" in k)}
+    for key, value in model.state_dict().items():
+        if key not in fresh and not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, src.state_dict()[key]), key
+    if src_dn and not dst_dn:
+        assert report.dropped == ["label_embed.weight (the source's denoising embedding; this model has model.dn_groups=0)"]
+        assert "dropped (only for training) (1)" in report.summary()
+    else:
+        assert any(note.startswith("label_embed (") for note in report.reinitialised) and not report.dropped
+        assert report.loaded == len(model.state_dict()) - len(fresh)
