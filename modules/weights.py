@@ -395,12 +395,12 @@ def _to_model_names(state: dict[str, Tensor], model: nn.Module) -> dict[str, Ten
     return out
 
 
-def _class_head(model: nn.Module, source: WeightSource, state: dict[str, Tensor], report: LoadReport) -> int:
+def _class_head(model: nn.Module, source: WeightSource, state: dict[str, Tensor], target: dict[str, Tensor],
+                report: LoadReport) -> int:
     """Fine-tuning on other classes (or with the other classification loss): the class rows of every class
     head (the decoder's, and the encoder proposals' with two-stage) are re-initialised; DETR's no-object
     row (the last of a softmax head) keeps the source's values, at the new head's last row. Returns how
-    many of the model's own tensors were put into ``state``."""
-    target = model.state_dict()
+    many of the model's own tensors (from ``target``, its state dict) were put into ``state``."""
     own = 0
     for prefix in ("head.class_embed", "enc_head.class_embed"):
         key_w, key_b = f"{prefix}.weight", f"{prefix}.bias"
@@ -424,13 +424,13 @@ def _class_head(model: nn.Module, source: WeightSource, state: dict[str, Tensor]
     return own
 
 
-def _denoising_embedding(model: nn.Module, state: dict[str, Tensor], report: LoadReport) -> int:
+def _denoising_embedding(state: dict[str, Tensor], target: dict[str, Tensor], report: LoadReport) -> int:
     """The label embedding of denoising queries (``dn_groups``) is used only while training: a source's
     is dropped when the model trains without denoising, and a model that denoises keeps its own fresh one
     when the source has none or one for other classes. Each case is named in the report; returns how many
     of the model's own tensors were put into ``state``."""
     key = "label_embed.weight"
-    mine = model.state_dict().get(key)
+    mine = target.get(key)
     theirs = state.get(key)
     if theirs is not None and mine is None:
         state.pop(key)
@@ -453,8 +453,8 @@ def load_detr_weights(model: nn.Module, source: WeightSource, strict: bool = Tru
     always an error."""
     report = LoadReport(source.name)
     state = _to_model_names(source.state, model)
-    own = _class_head(model, source, state, report) + _denoising_embedding(model, state, report)
     target = model.state_dict()
+    own = _class_head(model, source, state, target, report) + _denoising_embedding(state, target, report)
     report.unused = sorted(k for k in state if k not in target)
     report.missing = sorted(k for k in target if k not in state and not k.endswith("num_batches_tracked"))
     for key in sorted(k for k in state if k in target):
